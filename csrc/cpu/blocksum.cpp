@@ -1,0 +1,127 @@
+// CPU kernels of the block sum and its adjoint, tile (both with optional fused dropout).
+// Both are one pass over the (N, features) side, parallel over rows; the inner loops run over
+// contiguous r-wide column runs so the compiler vectorizes them.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/kernels.h"
+#include "common/philox.h"
+
+namespace miss_ext {
+namespace cpu {
+namespace {
+
+// Rows per parallel task: enough work to amortize the task, few enough to balance 2+ threads.
+int64_t row_grain(int64_t features) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(features, 1));
+}
+
+// mask[k] = 1 if element start + k is kept, else 0 (the same mask as philox.h on every device).
+void fill_keep_mask(const DropoutArgs& drop, uint64_t start, int64_t len, float* mask) {
+  const uint64_t threshold = dropout_threshold(drop.p);
+  uint64_t block = start >> 2;
+  Philox4 words = philox4x32_10(drop.seed, block);
+  for (int64_t k = 0; k < len; ++k) {
+    const uint64_t idx = start + static_cast<uint64_t>(k);
+    if ((idx >> 2) != block) {
+      block = idx >> 2;
+      words = philox4x32_10(drop.seed, block);
+    }
+    mask[k] = dropout_keep(words.v[idx & 3], threshold) ? 1.0f : 0.0f;
+  }
+}
+
+template <typename scalar_t>
+void blocksum_kernel(const at::Tensor& x, int64_t r, const DropoutArgs& drop, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n_rows = x.size(0), in = x.size(1), ld = x.stride(0);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  const acc_t scale = drop.enabled ? static_cast<acc_t>(dropout_keep_scale(drop.p)) : acc_t(1);
+  at::parallel_for(0, n_rows, row_grain(in), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(r);
+    std::vector<float> mask(drop.enabled ? in : 0);
+    for (int64_t n = begin; n < end; ++n) {
+      const scalar_t* row = xp + n * ld;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      acc_t* a = acc.data();
+      if (drop.enabled) {
+        fill_keep_mask(drop, static_cast<uint64_t>(n) * static_cast<uint64_t>(in), in,
+                       mask.data());
+        const float* m = mask.data();
+        for (int64_t j0 = 0; j0 < in; j0 += r) {
+          const int64_t len = std::min(r, in - j0);
+          // Multiply rather than select, so a dropped inf/NaN gives NaN as torch's dropout does.
+          for (int64_t c = 0; c < len; ++c)
+            a[c] += static_cast<acc_t>(row[j0 + c]) * static_cast<acc_t>(m[j0 + c]);
+        }
+      } else {
+        for (int64_t j0 = 0; j0 < in; j0 += r) {
+          const int64_t len = std::min(r, in - j0);
+          for (int64_t c = 0; c < len; ++c) a[c] += static_cast<acc_t>(row[j0 + c]);
+        }
+      }
+      scalar_t* o = op + n * r;
+      for (int64_t c = 0; c < r; ++c) o[c] = static_cast<scalar_t>(a[c] * scale);
+    }
+  });
+}
+
+template <typename scalar_t>
+void tile_kernel(const at::Tensor& s, const at::Tensor& base, const DropoutArgs& drop,
+                 at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n_rows = s.size(0), r = s.size(1), feats = out.size(1);
+  const scalar_t* sp = s.const_data_ptr<scalar_t>();
+  const scalar_t* bp = base.defined() ? base.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  const acc_t scale = drop.enabled ? static_cast<acc_t>(dropout_keep_scale(drop.p)) : acc_t(1);
+  at::parallel_for(0, n_rows, row_grain(feats), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> srow(r);
+    std::vector<float> mask(drop.enabled ? feats : 0);
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t c = 0; c < r; ++c) srow[c] = static_cast<acc_t>(sp[n * r + c]) * scale;
+      const acc_t* sv = srow.data();
+      scalar_t* o = op + n * feats;
+      const scalar_t* b = bp ? bp + n * feats : nullptr;
+      if (drop.enabled) {
+        fill_keep_mask(drop, static_cast<uint64_t>(n) * static_cast<uint64_t>(feats), feats,
+                       mask.data());
+      }
+      const float* m = mask.data();
+      for (int64_t j0 = 0; j0 < feats; j0 += r) {
+        const int64_t len = std::min(r, feats - j0);
+        if (drop.enabled) {
+          for (int64_t c = 0; c < len; ++c)
+            o[j0 + c] = static_cast<scalar_t>(sv[c] * static_cast<acc_t>(m[j0 + c]));
+        } else if (b) {
+          for (int64_t c = 0; c < len; ++c)
+            o[j0 + c] = static_cast<scalar_t>(static_cast<acc_t>(b[j0 + c]) + sv[c]);
+        } else {
+          for (int64_t c = 0; c < len; ++c) o[j0 + c] = static_cast<scalar_t>(sv[c]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void blocksum(const at::Tensor& x, int64_t r, const DropoutArgs& drop, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "miss_ext_blocksum",
+                                  [&] { blocksum_kernel<scalar_t>(x, r, drop, out); });
+}
+
+void tile(const at::Tensor& s, const at::Tensor& base, const DropoutArgs& drop, at::Tensor& out) {
+  TORCH_CHECK(!(base.defined() && drop.enabled),
+              "miss_ext.tile: base and dropout together are not supported");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "miss_ext_tile",
+                                  [&] { tile_kernel<scalar_t>(s, base, drop, out); });
+}
+
+}  // namespace cpu
+}  // namespace miss_ext

@@ -1,0 +1,106 @@
+// Helpers shared by the CUDA kernels: vector access, launch sizing, the dropout mask.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+
+#include "common/kernels.h"
+#include "common/philox.h"
+
+namespace miss_ext {
+namespace cuda {
+namespace detail {
+
+constexpr int kThreads = 256;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// One 16-byte (or narrower, when N * sizeof(T) < 16) access.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+// Elements per 16-byte access.
+template <typename T>
+constexpr int vec16() {
+  return static_cast<int>(16 / sizeof(T));
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, N>*>(p);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
+  *reinterpret_cast<Vec<T, N>*>(p) = v;
+}
+
+inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// Grid for a grid-stride loop over `items` work items of `per_block` each: enough blocks to
+// fill the device several times over, never zero, never above the grid limit.
+inline unsigned grid_stride_blocks(int64_t items, int64_t per_block) {
+  const int64_t want = std::max<int64_t>(1, ceil_div(items, per_block));
+  return static_cast<unsigned>(std::min<int64_t>(want, int64_t(sm_count()) * 32));
+}
+
+// Blocks for a kernel with one block per work item (or a grid-stride loop over the rest).
+inline unsigned capped_blocks(int64_t blocks) {
+  return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, INT_MAX));
+}
+
+// The kernel-side view of DropoutArgs. threshold/scale come from philox.h so the host and
+// the CPU kernels agree on them exactly.
+struct Mask {
+  uint64_t seed = 0;
+  uint64_t threshold = 0;
+  float scale = 1.0f;
+};
+
+inline Mask make_mask(const DropoutArgs& d) {
+  Mask m;
+  m.seed = d.seed;
+  m.threshold = dropout_threshold(d.p);
+  m.scale = dropout_keep_scale(d.p);
+  return m;
+}
+
+// p == 0 keeps every element and scales by exactly 1, so it can take the mask-free path.
+inline bool dropout_active(const DropoutArgs& d) { return d.enabled && d.p > 0.0; }
+
+// w.v[k] for a run-time k without sending w to local memory.
+__device__ __forceinline__ uint32_t philox_word(const Philox4& w, int k) {
+  return k == 0 ? w.v[0] : k == 1 ? w.v[1] : k == 2 ? w.v[2] : w.v[3];
+}
+
+// Keep bits (bit e for element idx + e) of N consecutive logical elements. One Philox call
+// serves four elements; the loop is rolled so the generator is inlined only once.
+template <int N>
+__device__ __forceinline__ uint32_t keep_bits(const Mask& m, uint64_t idx) {
+  uint32_t bits = 0;
+  int e = 0;
+  while (e < N) {
+    const uint64_t i = idx + e;
+    const Philox4 w = philox4x32_10(m.seed, i / 4);
+    for (int word = static_cast<int>(i % 4); word < 4 && e < N; ++word, ++e) {
+      if (dropout_keep(philox_word(w, word), m.threshold)) bits |= 1u << e;
+    }
+  }
+  return bits;
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace miss_ext

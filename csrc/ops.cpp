@@ -1,0 +1,86 @@
+// The one registration file: operator schemas, their per-device implementations, and the
+// small pybind11 module `miss_ext._C` (build information only; operators go through
+// torch.ops.miss_ext, never through pybind11).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "ops_front.h"
+
+#ifndef MISS_EXT_TORCH_VERSION
+#define MISS_EXT_TORCH_VERSION "unknown"
+#endif
+#ifndef MISS_EXT_CUDA_ARCHS
+#define MISS_EXT_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(miss_ext, m) {
+  // Block sum over the last dim, zero-padded to a multiple of r: (..., in) -> (..., r).
+  m.def("blocksum(Tensor x, int r) -> Tensor");
+  // Block sum of dropout(x) with the mask regenerated from (seed, element index).
+  m.def("blocksum_dropout(Tensor x, int r, float p, Tensor seed) -> Tensor");
+  // Repeat the last dim to `features` columns: (..., r) -> (..., features), the adjoint of blocksum.
+  m.def("tile(Tensor s, int features) -> Tensor");
+  // tile with the dropout mask of blocksum_dropout: the adjoint of blocksum_dropout.
+  m.def("tile_dropout(Tensor s, int features, float p, Tensor seed) -> Tensor");
+  // base + tile(s, base.shape[-1]).
+  m.def("tile_add(Tensor base, Tensor s) -> Tensor");
+  // BAT: W'_ij = W_ij (I + B_i) + B_i over r x r blocks.
+  m.def("bat_transform(Tensor weight, Tensor block) -> Tensor");
+  // dL/dB_i = sum_j (W_ij + I)^T G_ij for G = dL/dW'.
+  m.def("bat_block_grad(Tensor grad, Tensor weight, int r) -> Tensor");
+  // dL/dW_ij = G_ij (I + B_i)^T for G = dL/dW'.
+  m.def("bat_weight_grad(Tensor grad, Tensor block) -> Tensor");
+  // x W'^T + b with W' the weight after each block's transform in turn.
+  m.def("bat_linear(Tensor x, Tensor weight, Tensor? bias, Tensor[] blocks) -> Tensor");
+  // Inverse of bat_transform: W_ij = (W'_ij - B_i)(I + B_i)^-1, by a solve in float32/64.
+  m.def("bat_unmerge(Tensor weight, Tensor block) -> Tensor");
+  // W + alpha * dW with dW[o, k] = block[k % r, o % m] (standard: m = out, mini: m = mini_r).
+  m.def("miss_merge(Tensor weight, Tensor block, float alpha) -> Tensor");
+}
+
+#define MISS_EXT_REGISTER_ALL(m)                     \
+  m.impl("blocksum", &miss_ext::blocksum);           \
+  m.impl("blocksum_dropout", &miss_ext::blocksum_dropout); \
+  m.impl("tile", &miss_ext::tile);                   \
+  m.impl("tile_dropout", &miss_ext::tile_dropout);   \
+  m.impl("tile_add", &miss_ext::tile_add);           \
+  m.impl("bat_transform", &miss_ext::bat_transform); \
+  m.impl("bat_block_grad", &miss_ext::bat_block_grad); \
+  m.impl("bat_weight_grad", &miss_ext::bat_weight_grad); \
+  m.impl("bat_linear", &miss_ext::bat_linear);       \
+  m.impl("bat_unmerge", &miss_ext::bat_unmerge);     \
+  m.impl("miss_merge", &miss_ext::miss_merge)
+
+TORCH_LIBRARY_IMPL(miss_ext, CPU, m) { MISS_EXT_REGISTER_ALL(m); }
+
+#ifdef MISS_EXT_WITH_CUDA
+TORCH_LIBRARY_IMPL(miss_ext, CUDA, m) { MISS_EXT_REGISTER_ALL(m); }
+#endif
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["torch_version"] = MISS_EXT_TORCH_VERSION;
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+#ifdef MISS_EXT_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_archs"] = MISS_EXT_CUDA_ARCHS;
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = "";
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "miss_ext compiled core: operators live in torch.ops.miss_ext";
+  module.def("build_info", &build_info,
+             "How this extension was built: torch version, OpenMP, CUDA and its archs.");
+}

@@ -1,0 +1,304 @@
+#include "ops_front.h"
+
+#include <ATen/ops/linalg_solve_ex.h>
+#include <c10/util/Exception.h>
+
+#include <sstream>
+#include <string>
+
+#include "common/kernels.h"
+
+namespace miss_ext {
+namespace {
+
+// Routes a kernel call to the device of `t`. A CUDA tensor only reaches a front end when the
+// CUDA kernels were built (they are registered under the CUDA key only then).
+#ifdef MISS_EXT_WITH_CUDA
+#define MISS_EXT_ON_DEVICE(t, kernel, ...) \
+  ((t).is_cuda() ? cuda::kernel(__VA_ARGS__) : cpu::kernel(__VA_ARGS__))
+#else
+#define MISS_EXT_ON_DEVICE(t, kernel, ...) cpu::kernel(__VA_ARGS__)
+#endif
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_float(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), "miss_ext.", op, ": argument '", name, "' is undefined; pass a tensor");
+  TORCH_CHECK(is_supported_float(t.scalar_type()), "miss_ext.", op, ": argument '", name,
+              "' must be float32, float64, bfloat16 or float16 (got ", t.scalar_type(),
+              "); cast it with .float() or .to(dtype)");
+}
+
+void check_same_device(const char* op, const char* name_a, const at::Tensor& a,
+                       const char* name_b, const at::Tensor& b) {
+  TORCH_CHECK(a.device() == b.device(), "miss_ext.", op, ": arguments '", name_a, "' (on ",
+              a.device(), ") and '", name_b, "' (on ", b.device(),
+              ") must be on the same device; move one with .to(device)");
+}
+
+void check_same_dtype(const char* op, const char* name_a, const at::Tensor& a, const char* name_b,
+                      const at::Tensor& b) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "miss_ext.", op, ": arguments '", name_a, "' (",
+              a.scalar_type(), ") and '", name_b, "' (", b.scalar_type(),
+              ") must have the same dtype; cast one with .to(dtype)");
+}
+
+void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim,
+               const char* shape) {
+  TORCH_CHECK(t.dim() == dim, "miss_ext.", op, ": argument '", name, "' must be ", dim,
+              "-D with shape ", shape, " (got ", t.dim(), "-D shape ", t.sizes(), ")");
+}
+
+void check_rank(const char* op, const char* name, int64_t r) {
+  TORCH_CHECK(r > 0, "miss_ext.", op, ": argument '", name,
+              "' (the block size r) must be a positive integer (got ", r, ")");
+}
+
+// (..., f) -> (N, f) with unit stride along features; copies only when the view cannot.
+at::Tensor as_rows(const at::Tensor& t) {
+  const int64_t f = t.size(-1);
+  const int64_t n = f == 0 ? c10::multiply_integers(t.sizes().slice(0, t.dim() - 1))
+                           : t.numel() / f;
+  at::Tensor rows = t.reshape({n, f});
+  if (f > 1 && rows.stride(1) != 1) rows = rows.contiguous();
+  if (n > 1 && rows.stride(0) < f) rows = rows.contiguous();  // expanded rows
+  return rows;
+}
+
+std::vector<int64_t> with_last(const at::Tensor& t, int64_t last) {
+  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
+  shape.back() = last;
+  return shape;
+}
+
+DropoutArgs dropout_args(const char* op, double p, const at::Tensor& seed) {
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, "miss_ext.", op,
+              ": argument 'p' (the dropout probability) must be in [0, 1] (got ", p, ")");
+  TORCH_CHECK(seed.defined() && seed.device().is_cpu() && seed.scalar_type() == at::kLong &&
+                  seed.numel() == 1,
+              "miss_ext.", op,
+              ": argument 'seed' must be a CPU int64 tensor with one element (got ",
+              seed.defined() ? seed.toString() : std::string("undefined"), " of shape ",
+              seed.defined() ? seed.sizes() : at::IntArrayRef{},
+              "); draw one with miss_ext.functional.dropout_seed()");
+  DropoutArgs d;
+  d.enabled = p > 0.0;
+  d.p = p;
+  d.seed = static_cast<uint64_t>(seed.item<int64_t>());
+  return d;
+}
+
+at::Tensor blocksum_impl(const char* op, const at::Tensor& x, int64_t r, const DropoutArgs& drop) {
+  check_float(op, "x", x);
+  TORCH_CHECK(x.dim() >= 1, "miss_ext.", op,
+              ": argument 'x' must have at least 1 dimension (features last), got a scalar");
+  check_rank(op, "r", r);
+  at::Tensor rows = as_rows(x);
+  at::Tensor out = at::empty({rows.size(0), r}, x.options());
+  if (rows.size(1) == 0) {
+    out.zero_();
+  } else if (rows.size(0) > 0) {
+    MISS_EXT_ON_DEVICE(x, blocksum, rows, r, drop, out);
+  }
+  return out.view(with_last(x, r));
+}
+
+at::Tensor tile_impl(const char* op, const at::Tensor& s, int64_t features, const at::Tensor& base,
+                     const DropoutArgs& drop) {
+  check_float(op, "s", s);
+  TORCH_CHECK(s.dim() >= 1, "miss_ext.", op,
+              ": argument 's' must have at least 1 dimension (block last), got a scalar");
+  TORCH_CHECK(s.size(-1) > 0, "miss_ext.", op,
+              ": argument 's' must have a non-empty last dimension (the block size r)");
+  TORCH_CHECK(features >= 0, "miss_ext.", op, ": argument 'features' must be >= 0 (got ",
+              features, ")");
+  at::Tensor rows = as_rows(s).contiguous();
+  at::Tensor base_rows;
+  if (base.defined()) base_rows = base.reshape({rows.size(0), features}).contiguous();
+  at::Tensor out = at::empty({rows.size(0), features}, s.options());
+  if (rows.size(0) > 0 && features > 0) {
+    MISS_EXT_ON_DEVICE(s, tile, rows, base_rows, drop, out);
+  }
+  return out.view(with_last(s, features));
+}
+
+// Shared shape rules of the BAT ops: weight (out, in), block (out/r, r, r).
+int64_t check_bat_shapes(const char* op, const char* weight_name, const at::Tensor& weight,
+                         const at::Tensor& block) {
+  check_float(op, weight_name, weight);
+  check_float(op, "block", block);
+  check_same_device(op, weight_name, weight, "block", block);
+  check_dim(op, weight_name, weight, 2, "(out_features, in_features)");
+  check_dim(op, "block", block, 3, "(out_features / r, r, r)");
+  const int64_t r = block.size(1);
+  check_rank(op, "block.shape[1]", r);
+  TORCH_CHECK(block.size(2) == r, "miss_ext.", op,
+              ": argument 'block' must have shape (out_features / r, r, r) with square r x r "
+              "blocks (got ",
+              block.sizes(), ")");
+  TORCH_CHECK(weight.size(0) % r == 0 && weight.size(1) % r == 0, "miss_ext.", op,
+              ": BAT needs in_features and out_features divisible by r so the weight splits into "
+              "r x r blocks (got ",
+              weight_name, " shape ", weight.sizes(), ", r = ", r, "); choose r dividing both");
+  TORCH_CHECK(block.size(0) == weight.size(0) / r, "miss_ext.", op,
+              ": argument 'block' must have out_features / r = ", weight.size(0) / r,
+              " blocks along dim 0 (got ", block.size(0), ")");
+  return r;
+}
+
+at::ScalarType fp32_or_fp64(const at::Tensor& a, const at::Tensor& b) {
+  return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble
+                                                                            : at::kFloat;
+}
+
+}  // namespace
+
+at::Tensor blocksum(const at::Tensor& x, int64_t r) {
+  return blocksum_impl("blocksum", x, r, DropoutArgs{});
+}
+
+at::Tensor blocksum_dropout(const at::Tensor& x, int64_t r, double p, const at::Tensor& seed) {
+  return blocksum_impl("blocksum_dropout", x, r, dropout_args("blocksum_dropout", p, seed));
+}
+
+at::Tensor tile(const at::Tensor& s, int64_t features) {
+  return tile_impl("tile", s, features, at::Tensor(), DropoutArgs{});
+}
+
+at::Tensor tile_dropout(const at::Tensor& s, int64_t features, double p, const at::Tensor& seed) {
+  return tile_impl("tile_dropout", s, features, at::Tensor(), dropout_args("tile_dropout", p, seed));
+}
+
+at::Tensor tile_add(const at::Tensor& base, const at::Tensor& s) {
+  check_float("tile_add", "base", base);
+  check_float("tile_add", "s", s);
+  check_same_device("tile_add", "base", base, "s", s);
+  check_same_dtype("tile_add", "base", base, "s", s);
+  TORCH_CHECK(base.dim() >= 1 && base.dim() == s.dim() &&
+                  base.sizes().slice(0, base.dim() - 1) == s.sizes().slice(0, s.dim() - 1),
+              "miss_ext.tile_add: arguments 'base' ", base.sizes(), " and 's' ", s.sizes(),
+              " must have the same leading dimensions (only the last may differ)");
+  return tile_impl("tile_add", s, base.size(-1), base, DropoutArgs{});
+}
+
+at::Tensor bat_transform(const at::Tensor& weight, const at::Tensor& block) {
+  check_bat_shapes("bat_transform", "weight", weight, block);
+  // The transform runs in the block's dtype, as PEFT computes the delta in the adapter's dtype.
+  at::Tensor w = weight.to(block.scalar_type()).contiguous();
+  at::Tensor b = block.contiguous();
+  at::Tensor out = at::empty_like(w);
+  if (w.numel() > 0) MISS_EXT_ON_DEVICE(w, bat_transform, w, b, out);
+  return out;
+}
+
+at::Tensor bat_block_grad(const at::Tensor& grad, const at::Tensor& weight, int64_t r) {
+  const char* op = "bat_block_grad";
+  check_float(op, "grad", grad);
+  check_float(op, "weight", weight);
+  check_same_device(op, "grad", grad, "weight", weight);
+  check_dim(op, "grad", grad, 2, "(out_features, in_features)");
+  check_rank(op, "r", r);
+  TORCH_CHECK(grad.sizes() == weight.sizes(), "miss_ext.", op, ": arguments 'grad' ",
+              grad.sizes(), " and 'weight' ", weight.sizes(), " must have the same shape");
+  TORCH_CHECK(grad.size(0) % r == 0 && grad.size(1) % r == 0, "miss_ext.", op,
+              ": BAT needs in_features and out_features divisible by r (got shape ", grad.sizes(),
+              ", r = ", r, ")");
+  at::Tensor g = grad.contiguous();
+  at::Tensor w = weight.to(grad.scalar_type()).contiguous();
+  at::Tensor out = at::empty({grad.size(0) / r, r, r}, grad.options());
+  if (g.numel() == 0) return out.zero_();
+  MISS_EXT_ON_DEVICE(g, bat_block_grad, g, w, r, out);
+  return out;
+}
+
+at::Tensor bat_weight_grad(const at::Tensor& grad, const at::Tensor& block) {
+  check_bat_shapes("bat_weight_grad", "grad", grad, block);
+  at::Tensor g = grad.contiguous();
+  at::Tensor b = block.to(grad.scalar_type()).contiguous();
+  at::Tensor out = at::empty_like(g);
+  if (g.numel() > 0) MISS_EXT_ON_DEVICE(g, bat_weight_grad, g, b, out);
+  return out;
+}
+
+at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, at::TensorList blocks) {
+  const char* op = "bat_linear";
+  TORCH_CHECK(!blocks.empty(), "miss_ext.", op,
+              ": argument 'blocks' must hold at least one (out_features / r, r, r) block");
+  check_float(op, "x", x);
+  check_float(op, "weight", weight);
+  check_dim(op, "weight", weight, 2, "(out_features, in_features)");
+  check_same_device(op, "x", x, "weight", weight);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), "miss_ext.", op,
+              ": argument 'x' must end in in_features = ", weight.size(1), " (got shape ",
+              x.sizes(), ")");
+  for (const auto& b : blocks) {
+    check_same_dtype(op, "x", x, "blocks[i]", b);
+    check_bat_shapes(op, "weight", weight, b);
+  }
+  at::Tensor w = weight;
+  for (const auto& b : blocks) w = bat_transform(w, b);
+  std::optional<at::Tensor> b;
+  if (bias.has_value() && bias->defined()) {
+    check_float(op, "bias", *bias);
+    check_same_device(op, "x", x, "bias", *bias);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "miss_ext.", op,
+                ": argument 'bias' must have shape (out_features,) = (", weight.size(0),
+                ",) (got ", bias->sizes(), ")");
+    b = bias->to(x.scalar_type());
+  }
+  return at::linear(x, w, b);
+}
+
+at::Tensor bat_unmerge(const at::Tensor& weight, const at::Tensor& block) {
+  const char* op = "bat_unmerge";
+  const int64_t r = check_bat_shapes(op, "weight", weight, block);
+  const int64_t out_f = weight.size(0), in_f = weight.size(1), nb = out_f / r;
+  if (weight.numel() == 0) return weight.clone();
+  // Copy-free layout (SPEC section 3): weight.view(nb, r, in/r, r)[i, a, j, c] = W_ij[a, c],
+  // and the same memory viewed as (nb, in, r) stacks the rows of every W_ij of block row i.
+  const auto acc = fp32_or_fp64(weight, block);
+  at::Tensor b = block.to(acc);
+  at::Tensor y = weight.to(acc).view({nb, r, in_f / r, r}) - b.view({nb, r, 1, r});
+  at::Tensor a = b + at::eye(r, b.options());
+  // X (I + B_i) = W' - B_i, solved per block row rather than inverting I + B_i.
+  auto [x, info] = at::linalg_solve_ex(a, y.view({nb, in_f, r}), /*left=*/false);
+  const at::Tensor bad = info.ne(0).nonzero().flatten().cpu();
+  if (bad.numel() > 0) {
+    std::ostringstream rows;
+    for (int64_t k = 0; k < std::min<int64_t>(bad.numel(), 8); ++k)
+      rows << (k ? ", " : "") << bad[k].item<int64_t>();
+    TORCH_CHECK(false, "miss_ext.", op, ": I + B_i is singular for block row(s) i = ", rows.str(),
+                bad.numel() > 8 ? ", ..." : "",
+                " of 'block', so this BAT adapter cannot be unmerged; the weight was not changed");
+  }
+  TORCH_CHECK(!y.isfinite().all().item<bool>() || x.isfinite().all().item<bool>(), "miss_ext.",
+              op,
+              ": I + B_i is numerically singular (the solve produced non-finite values), so this "
+              "BAT adapter cannot be unmerged; the weight was not changed");
+  return x.view({out_f, in_f}).to(weight.scalar_type());
+}
+
+at::Tensor miss_merge(const at::Tensor& weight, const at::Tensor& block, double alpha) {
+  const char* op = "miss_merge";
+  check_float(op, "weight", weight);
+  check_float(op, "block", block);
+  check_same_device(op, "weight", weight, "block", block);
+  check_dim(op, "weight", weight, 2, "(out_features, in_features)");
+  check_dim(op, "block", block, 2, "(r, out_features) or, for mini, (r, mini_r)");
+  check_rank(op, "block.shape[0]", block.size(0));
+  const int64_t m = block.size(1);
+  TORCH_CHECK(m > 0 && weight.size(0) % m == 0, "miss_ext.", op,
+              ": out_features (", weight.size(0), ") must be divisible by block.shape[1] (", m,
+              "; out_features for standard MiSS, mini_r for mini)");
+  at::Tensor w = weight.contiguous();
+  const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor b = block.to(acc).contiguous();
+  at::Tensor out = at::empty_like(w);
+  if (w.numel() > 0) MISS_EXT_ON_DEVICE(w, miss_merge, w, b, alpha, out);
+  return out;
+}
+
+}  // namespace miss_ext

@@ -1,0 +1,144 @@
+"""Differentiable MiSS building blocks on the miss_ext kernels.
+
+Shapes: ``x`` is ``(..., in_features)``; ``base_out`` is the frozen layer's output
+``(..., out_features)``. Every function is autograd- and torch.compile-friendly (each call is
+a registered operator or an aten op). The math is ../shared/SPEC.md.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+ops = torch.ops.miss_ext
+
+__all__ = [
+    "dropout_seed",
+    "blocksum",
+    "tile",
+    "miss_forward",
+    "mini_forward",
+    "bat_transform",
+    "bat_linear",
+    "bat_unmerge",
+    "miss_merge",
+    "miss_delta_weight",
+]
+
+
+def dropout_seed(generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A fresh 64-bit dropout seed (a CPU int64 tensor of one element) drawn from ``generator``
+    or torch's default CPU generator, so ``torch.manual_seed`` makes dropout reproducible."""
+    return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, generator=generator)
+
+
+def blocksum(
+    x: torch.Tensor,
+    r: int,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``S[..., c] = sum_j dropout(x)[..., j*r + c]`` with ``x`` zero-padded to a multiple of r.
+
+    Dropout (when ``training`` and ``dropout_p > 0``) is fused: its mask is a function of
+    ``seed`` and the element index, regenerated in backward instead of stored.
+    """
+    if training and dropout_p > 0.0:
+        if seed is None:
+            seed = dropout_seed()
+        return ops.blocksum_dropout(x, r, float(dropout_p), seed)
+    return ops.blocksum(x, r)
+
+
+def tile(s: torch.Tensor, features: int) -> torch.Tensor:
+    """``out[..., k] = s[..., k % r]`` for ``k < features``: the adjoint of :func:`blocksum`."""
+    return ops.tile(s, features)
+
+
+def miss_forward(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    block: torch.Tensor,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Standard MiSS: ``base_out + blocksum_r(dropout(x)) @ block`` with ``block`` ``(r, out)``.
+
+    ``x`` must have ``block``'s dtype. When ``base_out`` has another dtype the sum is promoted
+    as PEFT does (cast the result back yourself)."""
+    r, out_features = block.shape
+    s = blocksum(x, r, dropout_p, training, seed)
+    lead = base_out.shape[:-1]
+    if base_out.dtype == block.dtype:
+        # One fused GEMM + accumulate into a copy of base_out.
+        y = torch.addmm(base_out.reshape(-1, out_features), s.reshape(-1, r), block)
+        return y.view(*lead, out_features)
+    return base_out + s @ block
+
+
+def mini_forward(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    block: torch.Tensor,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """mini MiSS: ``base_out + tile_out(blocksum_r(dropout(x)) @ block)`` with ``block``
+    ``(r, mini_r)``; the ``(r, out)`` repeated block is never materialised, and the backward
+    block-sums the output gradient over the ``out / mini_r`` tiles with the same kernel."""
+    r, m = block.shape
+    out_features = base_out.shape[-1]
+    if out_features % m != 0:
+        raise ValueError(
+            f"miss_ext.mini_forward: out_features ({out_features}) must be divisible by "
+            f"mini_r ({m}); choose mini_r dividing out_features"
+        )
+    small = blocksum(x, r, dropout_p, training, seed) @ block
+    if base_out.dtype == block.dtype:
+        return ops.tile_add(base_out, small)
+    return base_out + ops.tile(small, out_features)
+
+
+def bat_transform(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """BAT weight transform ``W'_ij = W_ij (I + B_i) + B_i`` with ``block`` ``(out/r, r, r)``;
+    computed in ``block``'s dtype."""
+    return ops.bat_transform(weight, block)
+
+
+def bat_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    blocks: torch.Tensor | Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """``x W'^T + bias`` where ``W'`` is ``weight`` after each BAT block's transform in turn.
+
+    Backward recomputes ``W'`` instead of saving it: autograd keeps ``x``, the weight and the
+    blocks only. ``x`` must have the blocks' dtype; weight and bias may be of another float dtype
+    (they are cast, as PEFT computes BAT in the adapter's dtype)."""
+    if isinstance(blocks, torch.Tensor):
+        blocks = [blocks]
+    return ops.bat_linear(x, weight, bias, list(blocks))
+
+
+def bat_unmerge(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`bat_transform`: ``(W' - B_i)(I + B_i)^-1`` per block row, by an fp32
+    (fp64 for double) linear solve. Raises if some ``I + B_i`` is singular."""
+    return ops.bat_unmerge(weight, block)
+
+
+def miss_merge(weight: torch.Tensor, block: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``weight + alpha * dW`` for a standard ``(r, out)`` or mini ``(r, mini_r)`` block, with
+    ``dW[o, k] = block[k % r, o % mini_r]``; computed in fp32 and rounded once to the weight's
+    dtype. ``alpha = -1`` unmerges. Returns a new tensor."""
+    return ops.miss_merge(weight, block, float(alpha))
+
+
+def miss_delta_weight(block: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The dense ``dW`` (``out x in``) of a standard or mini block, in ``block``'s dtype."""
+    zeros = torch.zeros(out_features, in_features, dtype=block.dtype, device=block.device)
+    return miss_merge(zeros, block, 1.0)

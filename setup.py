@@ -1,0 +1,148 @@
+"""Build miss_ext._C against the torch that is already installed.
+
+CPU kernels are always built. CUDA kernels are built when torch has CUDA and nvcc is found,
+or when MISS_EXT_FORCE_CUDA=1 (MISS_EXT_FORCE_CUDA=0 turns them off); a visible GPU is never
+needed. Honours TORCH_CUDA_ARCH_LIST and MAX_JOBS.
+"""
+
+import glob
+import os
+import re
+import subprocess
+import sys
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+try:
+    import torch
+except ImportError:
+    # A plain `pip install .` builds in an isolated env without torch; pulling a multi-GB torch
+    # into it would build against the wrong ABI. Stop at once with the command that works.
+    sys.exit(
+        "miss_ext: torch is not importable in this build environment; install torch first, "
+        "then run: pip install --no-build-isolation ."
+    )
+
+
+def _real_cuda_home():
+    """The toolkit folder. `nvcc` on PATH may be a wrapper script exec'ing the real one, from
+    which torch's own guess (dirname of dirname of `which nvcc`) cannot link."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var) and os.path.exists(os.path.join(os.environ[var], "bin", "nvcc")):
+            return os.environ[var]
+    candidates = []
+    for path in os.environ.get("PATH", "").split(os.pathsep):
+        nvcc = os.path.join(path, "nvcc")
+        if not os.path.isfile(nvcc):
+            continue
+        real = os.path.realpath(nvcc)
+        try:
+            with open(real, "rb") as f:
+                head = f.read(4096)
+        except OSError:
+            continue
+        if head.startswith(b"\x7fELF"):
+            candidates.append(os.path.dirname(os.path.dirname(real)))
+        else:  # a script: find the binary it execs
+            m = re.search(rb"(/\S+)/bin/nvcc", head)
+            if m:
+                candidates.append(m.group(1).decode())
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for c in candidates:
+        nvcc = os.path.join(c, "bin", "nvcc")
+        if os.path.isfile(nvcc):
+            return c
+    return None
+
+
+def _want_cuda(cuda_home):
+    force = os.environ.get("MISS_EXT_FORCE_CUDA")
+    if force == "0":
+        return False
+    if force == "1":
+        if cuda_home is None:
+            sys.exit("miss_ext: MISS_EXT_FORCE_CUDA=1 but no nvcc was found; set CUDA_HOME")
+        if torch.version.cuda is None:
+            sys.exit("miss_ext: MISS_EXT_FORCE_CUDA=1 but this torch has no CUDA; install a CUDA torch")
+        return True
+    return torch.version.cuda is not None and cuda_home is not None
+
+
+def _nvcc_version(cuda_home):
+    out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                         capture_output=True, text=True).stdout
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def _default_arch_list(nvcc_version):
+    # Ampere and Hopper at least; Blackwell where nvcc knows it; PTX of the newest for the future.
+    if nvcc_version >= (12, 8):
+        return "8.0;9.0;10.0;12.0+PTX"
+    if nvcc_version >= (11, 8):
+        return "8.0;9.0+PTX"
+    return "8.0+PTX"
+
+
+def _cuda_math_includes():
+    """CUDA library headers (cusparse.h, cublas_v2.h, ...) that pip's nvidia packages carry
+    and a bare toolkit may lack; torch's CUDA headers include them."""
+    dirs = []
+    for site in sys.path:
+        dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+def _torch_uses_openmp():
+    return "OpenMP" in torch.__config__.parallel_info().split("ATen parallel backend:")[-1]
+
+
+def _write_build_meta(with_cuda, archs):
+    with open(os.path.join(HERE, "miss_ext", "_build_meta.py"), "w") as f:
+        f.write("# Written by setup.py at build time: what the compiled _C was built against.\n")
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+        f.write(f"WITH_CUDA = {with_cuda!r}\n")
+        f.write(f"CUDA_ARCHS = {archs!r}\n")
+
+
+def extensions():
+    cuda_home = _real_cuda_home()
+    with_cuda = _want_cuda(cuda_home)
+    if with_cuda:
+        os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension reads it at import
+    from torch.utils import cpp_extension
+
+    sources = ["csrc/ops.cpp", "csrc/ops_front.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    define_macros = [("MISS_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
+    cxx = ["-O3", "-std=c++17"]
+    if _torch_uses_openmp():
+        cxx.append("-fopenmp")
+    extra_link = ["-fopenmp"] if _torch_uses_openmp() else []
+    include_dirs = [os.path.join(HERE, "csrc")]
+    archs = ""
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = _default_arch_list(_nvcc_version(cuda_home))
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        define_macros += [("MISS_EXT_WITH_CUDA", None), ("MISS_EXT_CUDA_ARCHS", f'"{archs}"')]
+        include_dirs += _cuda_math_includes()
+        ext = cpp_extension.CUDAExtension(
+            "miss_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_link_args=extra_link)
+    else:
+        ext = cpp_extension.CppExtension(
+            "miss_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx}, extra_link_args=extra_link)
+    _write_build_meta(with_cuda, archs)
+    print(f"miss_ext: building against torch {torch.__version__}, "
+          f"CUDA={'on (' + archs + ')' if with_cuda else 'off'}, "
+          f"OpenMP={'on' if _torch_uses_openmp() else 'off'}", file=sys.stderr)
+    return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+
+ext_modules, build_ext = extensions()
+setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})
