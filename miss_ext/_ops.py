@@ -18,6 +18,17 @@ def _needs(ctx, i):
 # ---------------------------------------------------------------- fake kernels
 
 
+def _same_device(op, **tensors):
+    """The device rule of the real kernels, so meta/fake calls reject what real calls reject."""
+    (first_name, first), *rest = [(k, v) for k, v in tensors.items() if v is not None]
+    for name, t in rest:
+        torch._check(
+            t.device == first.device,
+            lambda: f"miss_ext.{op}: arguments '{first_name}' (on {first.device}) and '{name}' "
+            f"(on {t.device}) must be on the same device; move one with .to(device)",
+        )
+
+
 @torch.library.register_fake(_LIB + "blocksum")
 def _(x, r):
     return x.new_empty((*x.shape[:-1], r))
@@ -40,36 +51,43 @@ def _(s, features, p, seed):
 
 @torch.library.register_fake(_LIB + "tile_add")
 def _(base, s):
+    _same_device("tile_add", base=base, s=s)
     return base.new_empty(base.shape)
 
 
 @torch.library.register_fake(_LIB + "bat_transform")
 def _(weight, block):
+    _same_device("bat_transform", weight=weight, block=block)
     return weight.new_empty(weight.shape, dtype=block.dtype)
 
 
 @torch.library.register_fake(_LIB + "bat_block_grad")
 def _(grad, weight, r):
+    _same_device("bat_block_grad", grad=grad, weight=weight)
     return grad.new_empty((grad.shape[0] // r, r, r))
 
 
 @torch.library.register_fake(_LIB + "bat_weight_grad")
 def _(grad, block):
+    _same_device("bat_weight_grad", grad=grad, block=block)
     return grad.new_empty(grad.shape)
 
 
 @torch.library.register_fake(_LIB + "bat_linear")
 def _(x, weight, bias, blocks):
+    _same_device("bat_linear", x=x, weight=weight, bias=bias, **{f"blocks[{i}]": b for i, b in enumerate(blocks)})
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.register_fake(_LIB + "bat_unmerge")
 def _(weight, block):
+    _same_device("bat_unmerge", weight=weight, block=block)
     return weight.new_empty(weight.shape)
 
 
 @torch.library.register_fake(_LIB + "miss_merge")
 def _(weight, block, alpha):
+    _same_device("miss_merge", weight=weight, block=block)
     return weight.new_empty(weight.shape)
 
 
