@@ -3,10 +3,11 @@
 // (row t = a * (in/r) + j is row a of W_ij). A slab times an r x r matrix is then one GEMM:
 // no permuted copy of the weight is ever made.
 //
-// The r x r products go to the vendor GEMM (MKL via at::mm) in fp32 (fp64 for double); the rest
-// (the B_i broadcast, the sum over j, the cast back to the half types) is fused into the loop
-// that writes each chunk. Work is split into fixed chunks of rows of a slab,
-// so results do not depend on the thread count.
+// The r x r products go to the vendor GEMM: one batched GEMM over the slabs for the transform
+// and the weight gradient; fixed chunks of rows for the block gradient, whose reduction over
+// rows is then summed in a fixed order, so no result depends on the thread count. The rest (the
+// identity term, the B_i broadcast, the sum over j, the rounding to the output dtype) is fused
+// into one fp32 pass.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -14,6 +15,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "common/kernels.h"
 
@@ -40,57 +42,71 @@ void for_each_chunk(int64_t n_slabs, int64_t rows, const F& fn) {
   });
 }
 
-// (out/r, r, r) stack of I + B_i in the accumulation dtype.
-at::Tensor identity_plus(const at::Tensor& block, at::ScalarType acc) {
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  at::Tensor a = block.to(acc);
-  return a + at::eye(block.size(1), a.options());
-}
+// Every r x r product runs as W_ij B_i (not W_ij (I + B_i)) in the operands' own dtype, so the
+// vendor GEMM for that dtype does it (oneDNN's bf16 GEMM with fp32 accumulation, several times
+// faster than converting to fp32 here) and no rounding of I + B_i to a half type loses B_i's low
+// bits; the identity part is added in the fp32 epilogue, which rounds once.
 
+// Applies out = a + P + bias_row over the slabs, in fp32, where P = products (nb, in, r) and
+// bias_row(i, t) is row t / (in/r) of block i (or nothing when block_rows is null).
 template <typename scalar_t>
-void transform_kernel(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out) {
+void fused_epilogue(const at::Tensor& a, const at::Tensor& products, const scalar_t* block_rows,
+                    int64_t r, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-  const int64_t r = block.size(1), nb = block.size(0), in = weight.size(1), per_a = in / r;
-  const at::Tensor w3 = weight.view({nb, in, r});
-  const at::Tensor a = identity_plus(block, acc);
-  const at::Tensor b_acc = block.to(acc).contiguous();
-  const acc_t* bp = b_acc.const_data_ptr<acc_t>();
+  const int64_t rows = a.numel() / r, in = a.size(1), per_a = in / r;
+  const scalar_t* ap = a.const_data_ptr<scalar_t>();
+  const scalar_t* pp = products.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  for_each_chunk(nb, in, [&](int64_t, int64_t i, int64_t t0, int64_t t1) {
-    const at::Tensor p = at::mm(w3[i].narrow(0, t0, t1 - t0).to(acc), a[i]).contiguous();
-    const acc_t* pp = p.const_data_ptr<acc_t>();
-    for (int64_t t = t0; t < t1; ++t) {
-      const acc_t* brow = bp + (i * r + t / per_a) * r;
-      const acc_t* prow = pp + (t - t0) * r;
-      scalar_t* orow = op + (i * in + t) * r;
-      for (int64_t c = 0; c < r; ++c) orow[c] = static_cast<scalar_t>(prow[c] + brow[c]);
+  at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / r), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t i = row / in, t = row % in, off = row * r;
+      if (block_rows) {
+        const scalar_t* brow = block_rows + (i * r + t / per_a) * r;
+        for (int64_t c = 0; c < r; ++c)
+          op[off + c] = static_cast<scalar_t>(static_cast<acc_t>(ap[off + c]) +
+                                              static_cast<acc_t>(pp[off + c]) +
+                                              static_cast<acc_t>(brow[c]));
+      } else {
+        for (int64_t c = 0; c < r; ++c)
+          op[off + c] = static_cast<scalar_t>(static_cast<acc_t>(ap[off + c]) +
+                                              static_cast<acc_t>(pp[off + c]));
+      }
     }
   });
+}
+
+// W'_ij = W_ij + W_ij B_i + B_i: one batched GEMM over the slabs (its K = r is never split, so
+// the result does not depend on the thread count), then the fused epilogue.
+template <typename scalar_t>
+void transform_kernel(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out) {
+  const int64_t r = block.size(1), nb = block.size(0), in = weight.size(1);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Tensor p = at::bmm(weight.view({nb, in, r}), block);
+  fused_epilogue<scalar_t>(weight, p, block.const_data_ptr<scalar_t>(), r, out);
 }
 
 template <typename scalar_t>
 void block_grad_kernel(const at::Tensor& grad, const at::Tensor& weight, int64_t r,
                        at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t nb = grad.size(0) / r, in = grad.size(1), per_a = in / r;
   const int64_t per = chunks_per_slab(in);
   const at::Tensor g3 = grad.view({nb, in, r}), w3 = weight.view({nb, in, r});
-  // One r x r partial per chunk, summed below in a fixed order for thread-count independence.
-  at::Tensor partial = at::empty({nb * per, r, r}, grad.options().dtype(acc));
-  acc_t* pp = partial.mutable_data_ptr<acc_t>();
+  const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+  // One fp32 r x r partial per chunk, summed below in a fixed order, so the result does not
+  // depend on the thread count.
+  std::vector<acc_t> partial(static_cast<size_t>(nb * per * r * r));
   for_each_chunk(nb, in, [&](int64_t task, int64_t i, int64_t t0, int64_t t1) {
-    const at::Tensor gc = g3[i].narrow(0, t0, t1 - t0).to(acc).contiguous();
-    at::Tensor part = partial[task];
-    at::mm_out(part, w3[i].narrow(0, t0, t1 - t0).to(acc).t(), gc);
-    // The "+ I" of (W_ij + I)^T G_ij: add G_ij itself, i.e. each row t into row a of the block.
-    const acc_t* gp = gc.const_data_ptr<acc_t>();
-    acc_t* dst = pp + task * r * r;
+    const at::Tensor m = at::mm(w3[i].narrow(0, t0, t1 - t0).t(), g3[i].narrow(0, t0, t1 - t0))
+                             .contiguous();
+    const scalar_t* mp = m.const_data_ptr<scalar_t>();
+    acc_t* dst = partial.data() + task * r * r;
+    for (int64_t e = 0; e < r * r; ++e) dst[e] = static_cast<acc_t>(mp[e]);
+    // The "+ I" of (W_ij + I)^T G_ij: each row t of G_ij adds into row a of the block.
     for (int64_t t = t0; t < t1; ++t) {
       acc_t* drow = dst + (t / per_a) * r;
-      const acc_t* grow = gp + (t - t0) * r;
-      for (int64_t c = 0; c < r; ++c) drow[c] += grow[c];
+      const scalar_t* grow = gp + (i * in + t) * r;
+      for (int64_t c = 0; c < r; ++c) drow[c] += static_cast<acc_t>(grow[c]);
     }
   });
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
@@ -99,7 +115,7 @@ void block_grad_kernel(const at::Tensor& grad, const at::Tensor& weight, int64_t
     for (int64_t i = begin; i < end; ++i) {
       std::fill(sum.begin(), sum.end(), acc_t(0));
       for (int64_t k = 0; k < per; ++k) {
-        const acc_t* src = pp + (i * per + k) * r * r;
+        const acc_t* src = partial.data() + (i * per + k) * r * r;
         for (int64_t e = 0; e < r * r; ++e) sum[e] += src[e];
       }
       for (int64_t e = 0; e < r * r; ++e) op[i * r * r + e] = static_cast<scalar_t>(sum[e]);
@@ -107,21 +123,13 @@ void block_grad_kernel(const at::Tensor& grad, const at::Tensor& weight, int64_t
   });
 }
 
+// dL/dW_ij = G_ij + G_ij B_i^T, like the transform.
 template <typename scalar_t>
 void weight_grad_kernel(const at::Tensor& grad, const at::Tensor& block, at::Tensor& out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t r = block.size(1), nb = block.size(0), in = grad.size(1);
-  const at::Tensor g3 = grad.view({nb, in, r});
-  const at::Tensor a_t = identity_plus(block, acc).transpose(1, 2);
-  scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  for_each_chunk(nb, in, [&](int64_t, int64_t i, int64_t t0, int64_t t1) {
-    const at::Tensor p = at::mm(g3[i].narrow(0, t0, t1 - t0).to(acc), a_t[i]).contiguous();
-    const acc_t* pp = p.const_data_ptr<acc_t>();
-    scalar_t* o = op + (i * in + t0) * r;
-    const int64_t n = (t1 - t0) * r;
-    for (int64_t e = 0; e < n; ++e) o[e] = static_cast<scalar_t>(pp[e]);
-  });
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Tensor p = at::bmm(grad.view({nb, in, r}), block.transpose(1, 2));
+  fused_epilogue<scalar_t>(grad, p, nullptr, r, out);
 }
 
 }  // namespace
