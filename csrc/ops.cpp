@@ -34,6 +34,10 @@ TORCH_LIBRARY(miss_ext, m) {
   m.def("bat_linear(Tensor x, Tensor weight, Tensor? bias, Tensor[] blocks) -> Tensor");
   // Inverse of bat_transform: W_ij = (W'_ij - B_i)(I + B_i)^-1, by a solve in float32/64.
   m.def("bat_unmerge(Tensor weight, Tensor block) -> Tensor");
+  // Standard (block (r, out)) or mini (block (r, mini_r)) MiSS fused with its frozen nn.Linear:
+  // y = x W^T + b + tile_out(blocksum_r(dropout(x)) @ block); also returns the block sum S,
+  // which backward needs (it is N x r: nothing weight- or input-sized is saved).
+  m.def("miss_linear(Tensor x, Tensor weight, Tensor? bias, Tensor block, float p, Tensor? seed) -> (Tensor, Tensor)");
   // W + alpha * dW with dW[o, k] = block[k % r, o % m] (standard: m = out, mini: m = mini_r).
   m.def("miss_merge(Tensor weight, Tensor block, float alpha) -> Tensor");
 }
@@ -49,6 +53,7 @@ TORCH_LIBRARY(miss_ext, m) {
   m.impl("bat_weight_grad", &miss_ext::bat_weight_grad); \
   m.impl("bat_linear", &miss_ext::bat_linear);       \
   m.impl("bat_unmerge", &miss_ext::bat_unmerge);     \
+  m.impl("miss_linear", &miss_ext::miss_linear);     \
   m.impl("miss_merge", &miss_ext::miss_merge)
 
 TORCH_LIBRARY_IMPL(miss_ext, CPU, m) { MISS_EXT_REGISTER_ALL(m); }

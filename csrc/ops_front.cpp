@@ -261,7 +261,7 @@ at::Tensor bat_unmerge(const at::Tensor& weight, const at::Tensor& block) {
   // and the same memory viewed as (nb, in, r) stacks the rows of every W_ij of block row i.
   const auto acc = fp32_or_fp64(weight, block);
   at::Tensor b = block.to(acc);
-  at::Tensor y = weight.to(acc).view({nb, r, in_f / r, r}) - b.view({nb, r, 1, r});
+  at::Tensor y = weight.to(acc).contiguous().view({nb, r, in_f / r, r}) - b.view({nb, r, 1, r});
   at::Tensor a = b + at::eye(r, b.options());
   // X (I + B_i) = W' - B_i, solved per block row rather than inverting I + B_i.
   auto [x, info] = at::linalg_solve_ex(a, y.view({nb, in_f, r}), /*left=*/false);
@@ -279,6 +279,50 @@ at::Tensor bat_unmerge(const at::Tensor& weight, const at::Tensor& block) {
               ": I + B_i is numerically singular (the solve produced non-finite values), so this "
               "BAT adapter cannot be unmerged; the weight was not changed");
   return x.view({out_f, in_f}).to(weight.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> miss_linear(const at::Tensor& x, const at::Tensor& weight,
+                                               const std::optional<at::Tensor>& bias,
+                                               const at::Tensor& block, double p,
+                                               const std::optional<at::Tensor>& seed) {
+  const char* op = "miss_linear";
+  check_float(op, "x", x);
+  check_float(op, "weight", weight);
+  check_float(op, "block", block);
+  check_dim(op, "weight", weight, 2, "(out_features, in_features)");
+  check_dim(op, "block", block, 2, "(r, out_features) or, for mini, (r, mini_r)");
+  check_same_device(op, "x", x, "weight", weight);
+  check_same_device(op, "x", x, "block", block);
+  check_same_dtype(op, "x", x, "weight", weight);
+  check_same_dtype(op, "x", x, "block", block);
+  const int64_t out_f = weight.size(0), in_f = weight.size(1), r = block.size(0), m = block.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_f, "miss_ext.", op,
+              ": argument 'x' must end in in_features = ", in_f, " (got shape ", x.sizes(), ")");
+  check_rank(op, "block.shape[0]", r);
+  TORCH_CHECK(m > 0 && out_f % m == 0, "miss_ext.", op, ": out_features (", out_f,
+              ") must be divisible by block.shape[1] (", m,
+              "; out_features for standard MiSS, mini_r for mini)");
+  at::Tensor x2 = as_rows(x);
+  at::Tensor s;
+  if (p > 0.0) {
+    TORCH_CHECK(seed.has_value(), "miss_ext.", op, ": argument 'seed' is required when p > 0");
+    s = blocksum_impl(op, x2, r, dropout_args(op, p, *seed));
+  } else {
+    s = blocksum_impl(op, x2, r, DropoutArgs{});
+  }
+  // The adapter term (and the bias) first, then the frozen GEMM accumulates into it (beta = 1):
+  // no separate pass adds the adapter to the base output.
+  at::Tensor y = m == out_f ? at::mm(s, block) : tile_impl(op, at::mm(s, block), out_f, at::Tensor(), DropoutArgs{});
+  if (bias.has_value() && bias->defined()) {
+    check_float(op, "bias", *bias);
+    check_same_device(op, "x", x, "bias", *bias);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_f, "miss_ext.", op,
+                ": argument 'bias' must have shape (out_features,) = (", out_f, ",) (got ",
+                bias->sizes(), ")");
+    y.add_(bias->to(x.scalar_type()));
+  }
+  y.addmm_(x2, weight.t());
+  return {y.view(with_last(x, out_f)), s.view(with_last(x, r))};
 }
 
 at::Tensor miss_merge(const at::Tensor& weight, const at::Tensor& block, double alpha) {

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace miss_ext {
@@ -20,6 +21,10 @@ at::Tensor bat_weight_grad(const at::Tensor& grad, const at::Tensor& block);
 at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, at::TensorList blocks);
 at::Tensor bat_unmerge(const at::Tensor& weight, const at::Tensor& block);
+std::tuple<at::Tensor, at::Tensor> miss_linear(const at::Tensor& x, const at::Tensor& weight,
+                                               const std::optional<at::Tensor>& bias,
+                                               const at::Tensor& block, double p,
+                                               const std::optional<at::Tensor>& seed);
 at::Tensor miss_merge(const at::Tensor& weight, const at::Tensor& block, double alpha);
 
 }  // namespace miss_ext

@@ -16,10 +16,40 @@ def _needs(ctx, i):
 
 
 # ---------------------------------------------------------------- fake kernels
+# The fakes apply the argument rules of csrc/ops_front.cpp with the same messages, so meta
+# tensors, FakeTensor and torch.compile tracing reject exactly what the real kernels reject.
+
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check_float(op, name, t):
+    torch._check(
+        t.dtype in _FLOATS,
+        lambda: f"miss_ext.{op}: argument '{name}' must be float32, float64, bfloat16 or float16 "
+        f"(got {t.dtype}); cast it with .float() or .to(dtype)",
+    )
+
+
+def _check_rank(op, name, r):
+    torch._check(r > 0, lambda: f"miss_ext.{op}: argument '{name}' (the block size r) must be a positive integer (got {r})")
+
+
+def _check_dim(op, name, t, dim, shape):
+    torch._check(
+        t.dim() == dim,
+        lambda: f"miss_ext.{op}: argument '{name}' must be {dim}-D with shape {shape} (got {t.dim()}-D shape {tuple(t.shape)})",
+    )
+
+
+def _same_dtype(op, name_a, a, name_b, b):
+    torch._check(
+        a.dtype == b.dtype,
+        lambda: f"miss_ext.{op}: arguments '{name_a}' ({a.dtype}) and '{name_b}' ({b.dtype}) must have "
+        f"the same dtype; cast one with .to(dtype)",
+    )
 
 
 def _same_device(op, **tensors):
-    """The device rule of the real kernels, so meta/fake calls reject what real calls reject."""
     (first_name, first), *rest = [(k, v) for k, v in tensors.items() if v is not None]
     for name, t in rest:
         torch._check(
@@ -29,65 +59,180 @@ def _same_device(op, **tensors):
         )
 
 
+def _check_features_last(op, name, t, what):
+    torch._check(t.dim() >= 1, lambda: f"miss_ext.{op}: argument '{name}' must have at least 1 dimension ({what} last), got a scalar")
+
+
+def _check_dropout(op, p, seed):
+    torch._check(0.0 <= p <= 1.0, lambda: f"miss_ext.{op}: argument 'p' (the dropout probability) must be in [0, 1] (got {p})")
+    torch._check(
+        seed.device.type == "cpu" and seed.dtype == torch.int64 and seed.numel() == 1,
+        lambda: f"miss_ext.{op}: argument 'seed' must be a CPU int64 tensor with one element; "
+        "draw one with miss_ext.functional.dropout_seed()",
+    )
+
+
+def _check_bat(op, weight_name, weight, block):
+    """The BAT shape rules; returns r."""
+    _check_float(op, weight_name, weight)
+    _check_float(op, "block", block)
+    _same_device(op, **{weight_name: weight, "block": block})
+    _check_dim(op, weight_name, weight, 2, "(out_features, in_features)")
+    _check_dim(op, "block", block, 3, "(out_features / r, r, r)")
+    r = block.shape[1]
+    _check_rank(op, "block.shape[1]", r)
+    torch._check(block.shape[2] == r, lambda: f"miss_ext.{op}: argument 'block' must have shape (out_features / r, r, r) with square r x r blocks (got {tuple(block.shape)})")
+    torch._check(
+        weight.shape[0] % r == 0 and weight.shape[1] % r == 0,
+        lambda: f"miss_ext.{op}: BAT needs in_features and out_features divisible by r so the weight splits "
+        f"into r x r blocks (got {weight_name} shape {tuple(weight.shape)}, r = {r}); choose r dividing both",
+    )
+    torch._check(block.shape[0] == weight.shape[0] // r, lambda: f"miss_ext.{op}: argument 'block' must have out_features / r = {weight.shape[0] // r} blocks along dim 0 (got {block.shape[0]})")
+    return r
+
+
+def _blocksum_fake(op, x, r):
+    _check_float(op, "x", x)
+    _check_features_last(op, "x", x, "features")
+    _check_rank(op, "r", r)
+    return x.new_empty((*x.shape[:-1], r))
+
+
+def _tile_fake(op, s, features):
+    _check_float(op, "s", s)
+    _check_features_last(op, "s", s, "block")
+    torch._check(s.shape[-1] > 0, lambda: f"miss_ext.{op}: argument 's' must have a non-empty last dimension (the block size r)")
+    torch._check(features >= 0, lambda: f"miss_ext.{op}: argument 'features' must be >= 0 (got {features})")
+    return s.new_empty((*s.shape[:-1], features))
+
+
 @torch.library.register_fake(_LIB + "blocksum")
 def _(x, r):
-    return x.new_empty((*x.shape[:-1], r))
+    return _blocksum_fake("blocksum", x, r)
 
 
 @torch.library.register_fake(_LIB + "blocksum_dropout")
 def _(x, r, p, seed):
-    return x.new_empty((*x.shape[:-1], r))
+    _check_dropout("blocksum_dropout", p, seed)
+    return _blocksum_fake("blocksum_dropout", x, r)
 
 
 @torch.library.register_fake(_LIB + "tile")
 def _(s, features):
-    return s.new_empty((*s.shape[:-1], features))
+    return _tile_fake("tile", s, features)
 
 
 @torch.library.register_fake(_LIB + "tile_dropout")
 def _(s, features, p, seed):
-    return s.new_empty((*s.shape[:-1], features))
+    _check_dropout("tile_dropout", p, seed)
+    return _tile_fake("tile_dropout", s, features)
 
 
 @torch.library.register_fake(_LIB + "tile_add")
 def _(base, s):
-    _same_device("tile_add", base=base, s=s)
+    op = "tile_add"
+    _check_float(op, "base", base)
+    _check_float(op, "s", s)
+    _same_device(op, base=base, s=s)
+    _same_dtype(op, "base", base, "s", s)
+    torch._check(
+        base.dim() >= 1 and base.dim() == s.dim() and base.shape[:-1] == s.shape[:-1],
+        lambda: f"miss_ext.{op}: arguments 'base' {tuple(base.shape)} and 's' {tuple(s.shape)} must have the same leading dimensions (only the last may differ)",
+    )
+    _tile_fake(op, s, base.shape[-1])
     return base.new_empty(base.shape)
 
 
 @torch.library.register_fake(_LIB + "bat_transform")
 def _(weight, block):
-    _same_device("bat_transform", weight=weight, block=block)
+    _check_bat("bat_transform", "weight", weight, block)
     return weight.new_empty(weight.shape, dtype=block.dtype)
 
 
 @torch.library.register_fake(_LIB + "bat_block_grad")
 def _(grad, weight, r):
-    _same_device("bat_block_grad", grad=grad, weight=weight)
+    op = "bat_block_grad"
+    _check_float(op, "grad", grad)
+    _check_float(op, "weight", weight)
+    _same_device(op, grad=grad, weight=weight)
+    _check_dim(op, "grad", grad, 2, "(out_features, in_features)")
+    _check_rank(op, "r", r)
+    torch._check(grad.shape == weight.shape, lambda: f"miss_ext.{op}: arguments 'grad' {tuple(grad.shape)} and 'weight' {tuple(weight.shape)} must have the same shape")
+    torch._check(grad.shape[0] % r == 0 and grad.shape[1] % r == 0, lambda: f"miss_ext.{op}: BAT needs in_features and out_features divisible by r (got shape {tuple(grad.shape)}, r = {r})")
     return grad.new_empty((grad.shape[0] // r, r, r))
 
 
 @torch.library.register_fake(_LIB + "bat_weight_grad")
 def _(grad, block):
-    _same_device("bat_weight_grad", grad=grad, block=block)
+    _check_bat("bat_weight_grad", "grad", grad, block)
     return grad.new_empty(grad.shape)
 
 
 @torch.library.register_fake(_LIB + "bat_linear")
 def _(x, weight, bias, blocks):
-    _same_device("bat_linear", x=x, weight=weight, bias=bias, **{f"blocks[{i}]": b for i, b in enumerate(blocks)})
+    op = "bat_linear"
+    torch._check(len(blocks) > 0, lambda: f"miss_ext.{op}: argument 'blocks' must hold at least one (out_features / r, r, r) block")
+    _check_float(op, "x", x)
+    _check_float(op, "weight", weight)
+    _check_dim(op, "weight", weight, 2, "(out_features, in_features)")
+    _same_device(op, x=x, weight=weight, bias=bias)
+    torch._check(
+        x.dim() >= 1 and x.shape[-1] == weight.shape[1],
+        lambda: f"miss_ext.{op}: argument 'x' must end in in_features = {weight.shape[1]} (got shape {tuple(x.shape)})",
+    )
+    for b in blocks:
+        _same_dtype(op, "x", x, "blocks[i]", b)
+        _check_bat(op, "weight", weight, b)
+    if bias is not None:
+        _check_float(op, "bias", bias)
+        torch._check(
+            bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+            lambda: f"miss_ext.{op}: argument 'bias' must have shape (out_features,) = ({weight.shape[0]},) (got {tuple(bias.shape)})",
+        )
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.register_fake(_LIB + "bat_unmerge")
 def _(weight, block):
-    _same_device("bat_unmerge", weight=weight, block=block)
+    _check_bat("bat_unmerge", "weight", weight, block)
     return weight.new_empty(weight.shape)
+
+
+@torch.library.register_fake(_LIB + "miss_linear")
+def _(x, weight, bias, block, p, seed):
+    op = "miss_linear"
+    for name, t in (("x", x), ("weight", weight), ("block", block)):
+        _check_float(op, name, t)
+    _check_dim(op, "weight", weight, 2, "(out_features, in_features)")
+    _check_dim(op, "block", block, 2, "(r, out_features) or, for mini, (r, mini_r)")
+    _same_device(op, x=x, weight=weight, block=block, bias=bias)
+    _same_dtype(op, "x", x, "weight", weight)
+    _same_dtype(op, "x", x, "block", block)
+    out_f, in_f = weight.shape
+    r, m = block.shape
+    torch._check(x.dim() >= 1 and x.shape[-1] == in_f, lambda: f"miss_ext.{op}: argument 'x' must end in in_features = {in_f} (got shape {tuple(x.shape)})")
+    _check_rank(op, "block.shape[0]", r)
+    torch._check(m > 0 and out_f % m == 0, lambda: f"miss_ext.{op}: out_features ({out_f}) must be divisible by block.shape[1] ({m}; out_features for standard MiSS, mini_r for mini)")
+    if p > 0:
+        torch._check(seed is not None, lambda: f"miss_ext.{op}: argument 'seed' is required when p > 0")
+        _check_dropout(op, p, seed)
+    return x.new_empty((*x.shape[:-1], out_f)), x.new_empty((*x.shape[:-1], r))
 
 
 @torch.library.register_fake(_LIB + "miss_merge")
 def _(weight, block, alpha):
-    _same_device("miss_merge", weight=weight, block=block)
+    op = "miss_merge"
+    _check_float(op, "weight", weight)
+    _check_float(op, "block", block)
+    _same_device(op, weight=weight, block=block)
+    _check_dim(op, "weight", weight, 2, "(out_features, in_features)")
+    _check_dim(op, "block", block, 2, "(r, out_features) or, for mini, (r, mini_r)")
+    _check_rank(op, "block.shape[0]", block.shape[0])
+    m = block.shape[1]
+    torch._check(
+        m > 0 and weight.shape[0] % m == 0,
+        lambda: f"miss_ext.{op}: out_features ({weight.shape[0]}) must be divisible by block.shape[1] ({m}; out_features for standard MiSS, mini_r for mini)",
+    )
     return weight.new_empty(weight.shape)
 
 
@@ -301,6 +446,53 @@ def _bat_unmerge_backward(ctx, up):
 
 torch.library.register_autograd(
     _LIB + "bat_unmerge", _bat_unmerge_backward, setup_context=_bat_unmerge_setup
+)
+
+
+# ---------------------------------------------------------------- fused standard / mini linear
+
+
+def _miss_linear_setup(ctx, inputs, output):
+    x, weight, bias, block, p, seed = inputs
+    ctx.p, ctx.in_features = p, x.shape[-1]
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    # S (N x r) replaces x for the block gradient; x itself is kept only when the base weight
+    # trains (its gradient needs x, exactly as a trainable nn.Linear keeps it).
+    keep_x = x if ctx.needs_input_grad[1] else None
+    ctx.save_for_backward(output[1], weight, block, seed, keep_x)
+
+
+def _miss_linear_backward(ctx, grad_y, grad_s):
+    s, weight, block, seed, x = ctx.saved_tensors
+    r, m = block.shape
+    out_f = weight.shape[0]
+    g2 = grad_y.reshape(-1, out_f)
+    s2 = s.reshape(-1, r)
+    # mini: the output tiles share Dm, so their gradients sum first (the same block-sum kernel).
+    gs = g2 if m == out_f else ops.blocksum(g2, m)
+    grad_x = grad_w = grad_bias = grad_block = None
+    if ctx.needs_input_grad[3]:
+        grad_block = s2.t() @ gs
+    if ctx.needs_input_grad[0]:
+        d_s = gs @ block.t()
+        if grad_s is not None:
+            d_s = d_s + grad_s.reshape(-1, r)
+        if ctx.p > 0:
+            dx = ops.tile_dropout(d_s, ctx.in_features, ctx.p, seed)
+        else:
+            dx = ops.tile(d_s, ctx.in_features)
+        # The frozen GEMM accumulates into the adapter's input gradient (beta = 1).
+        grad_x = torch.addmm(dx, g2, weight).reshape(*grad_y.shape[:-1], ctx.in_features)
+    if ctx.needs_input_grad[1]:
+        grad_w = g2.t() @ x.reshape(-1, ctx.in_features)
+    if ctx.needs_input_grad[2]:
+        grad_bias = g2.sum(0).to(ctx.bias_dtype)
+    return grad_x, grad_w, grad_bias, grad_block, None, None
+
+
+torch.library.register_autograd(
+    _LIB + "miss_linear", _miss_linear_backward, setup_context=_miss_linear_setup
 )
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "tile",
     "miss_forward",
     "mini_forward",
+    "miss_linear",
     "bat_transform",
     "bat_linear",
     "bat_unmerge",
@@ -101,6 +102,28 @@ def mini_forward(
     if base_out.dtype == block.dtype:
         return ops.tile_add(base_out, small)
     return base_out + ops.tile(small, out_features)
+
+
+def miss_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    block: torch.Tensor,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """A frozen ``nn.Linear`` fused with its standard (``block`` ``(r, out)``) or mini
+    (``block`` ``(r, mini_r)``) adapter: ``x W^T + b + tile_out(blocksum_r(dropout(x)) @ block)``.
+
+    Same numbers as ``miss_forward``/``mini_forward`` on ``F.linear(x, weight, bias)``, with fewer
+    passes: the frozen GEMM accumulates into the adapter term in forward and into the adapter's
+    input gradient in backward. Autograd keeps the ``N x r`` block sum, not ``x`` (unless the
+    weight trains). ``x``, ``weight`` and ``block`` must share a dtype."""
+    p = float(dropout_p) if training else 0.0
+    if p > 0.0 and seed is None:
+        seed = dropout_seed()
+    return ops.miss_linear(x, weight, bias, block, p, seed)[0]
 
 
 def bat_transform(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:

@@ -149,3 +149,17 @@ def test_bat_variant_chain_of_adapters(device):
     b2 = _rand(4, 2, 2, device=device, scale=0.3)
     _check(lambda a, w_, p, q: MF.bat_linear(a, w_, None, [p, q]), (x, w, b1, b2))
     _check(lambda a, q: MF.bat_linear(a, w.detach(), None, [b1.detach(), q]), (x, b2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead,in_f,out_f,r,m", [((3,), 8, 6, 4, 6), ((2, 2), 10, 8, 4, 2), ((2,), 5, 6, 5, 6), ((3,), 7, 4, 1, 1)])
+def test_fused_linear(device, lead, in_f, out_f, r, m):
+    """miss_linear: standard (m = out) and mini, every subset of (x, weight, bias, block)."""
+    x = _rand(*lead, in_f, device=device)
+    w = _rand(out_f, in_f, device=device)
+    bias = _rand(out_f, device=device)
+    block = _rand(r, m, device=device)
+    for subset in _subsets(4):
+        _check(lambda a, w_, c, b_: MF.miss_linear(a, w_, c, b_), _with_grad_on([x, w, bias, block], subset))
+    seed = torch.tensor([3], dtype=torch.int64)
+    _check(lambda a, b_: MF.miss_linear(a, w.detach(), None, b_, 0.3, True, seed), (x, block))

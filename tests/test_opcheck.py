@@ -30,6 +30,10 @@ def _cases(device):
         "bat_weight_grad": [(g, b)],
         "bat_linear": [(xb, w, bias, [b]), (xb, w.detach(), None, [b, b])],
         "bat_unmerge": [(w, b)],
+        "miss_linear": [
+            (xb, w.detach(), bias, torch.randn(4, 8, **f, requires_grad=True), 0.0, None),
+            (xb, w, None, torch.randn(4, 2, **f, requires_grad=True), 0.25, seed),
+        ],
         "miss_merge": [(w, torch.randn(4, 8, **f, requires_grad=True), 1.0), (w, torch.randn(3, 2, **f), -1.0)],
     }
 

@@ -152,3 +152,19 @@ def test_empty_inputs(device):
     assert torch.equal(ops.blocksum(z, 4), torch.zeros(3, 4, device=device))
     w = torch.randn(8, 8, device=device)
     assert ops.bat_linear(torch.randn(0, 8, device=device), w, None, [torch.zeros(2, 4, 4, device=device)]).shape == (0, 8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [12, 4])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fused_linear_matches_unfused(device, dtype, m, p):
+    x = torch.randn(2, 7, 20, device=device, dtype=dtype)
+    w = torch.randn(12, 20, device=device, dtype=dtype)
+    bias = torch.randn(12, device=device, dtype=dtype)
+    block = torch.randn(8, m, device=device, dtype=dtype)
+    seed = MF.dropout_seed()
+    y = MF.miss_linear(x, w, bias, block, p, True, seed)
+    base = torch.nn.functional.linear(x.double(), w.double(), bias.double())
+    fn = R.miss_forward if m == 12 else R.mini_forward
+    assert_close(y, fn(x.double(), base, block.double(), p, seed), dtype, 10.0)

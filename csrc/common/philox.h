@@ -68,9 +68,9 @@ MISS_HD uint64_t dropout_threshold(double p) {
   return static_cast<uint64_t>(p * 4294967296.0);
 }
 
-MISS_HD float dropout_keep_scale(double p) {
-  return p >= 1.0 ? 0.0f : static_cast<float>(1.0 / (1.0 - p));
-}
+// In double so float64 inputs get 1 / (1 - p) to full precision; kernels cast it to their
+// accumulation type.
+MISS_HD double dropout_keep_scale(double p) { return p >= 1.0 ? 0.0 : 1.0 / (1.0 - p); }
 
 MISS_HD bool dropout_keep(uint32_t word, uint64_t threshold) {
   return static_cast<uint64_t>(word) >= threshold;
