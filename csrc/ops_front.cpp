@@ -1,6 +1,7 @@
 #include "ops_front.h"
 
 #include <ATen/ops/linalg_solve_ex.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
 #include <sstream>
@@ -19,6 +20,11 @@ namespace {
 #else
 #define MISS_EXT_ON_DEVICE(t, kernel, ...) cpu::kernel(__VA_ARGS__)
 #endif
+
+// The front ends call aten GEMMs on inputs whose dtypes they chose; a live autocast would recast
+// those calls and break the kernels' dtype contract, so every operator runs with autocast off.
+#define MISS_EXT_NO_AUTOCAST \
+  c10::impl::ExcludeDispatchKeyGuard no_autocast_guard(c10::autocast_dispatch_keyset)
 
 bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
@@ -156,22 +162,27 @@ at::ScalarType fp32_or_fp64(const at::Tensor& a, const at::Tensor& b) {
 }  // namespace
 
 at::Tensor blocksum(const at::Tensor& x, int64_t r) {
+  MISS_EXT_NO_AUTOCAST;
   return blocksum_impl("blocksum", x, r, DropoutArgs{});
 }
 
 at::Tensor blocksum_dropout(const at::Tensor& x, int64_t r, double p, const at::Tensor& seed) {
+  MISS_EXT_NO_AUTOCAST;
   return blocksum_impl("blocksum_dropout", x, r, dropout_args("blocksum_dropout", p, seed));
 }
 
 at::Tensor tile(const at::Tensor& s, int64_t features) {
+  MISS_EXT_NO_AUTOCAST;
   return tile_impl("tile", s, features, at::Tensor(), DropoutArgs{});
 }
 
 at::Tensor tile_dropout(const at::Tensor& s, int64_t features, double p, const at::Tensor& seed) {
+  MISS_EXT_NO_AUTOCAST;
   return tile_impl("tile_dropout", s, features, at::Tensor(), dropout_args("tile_dropout", p, seed));
 }
 
 at::Tensor tile_add(const at::Tensor& base, const at::Tensor& s) {
+  MISS_EXT_NO_AUTOCAST;
   check_float("tile_add", "base", base);
   check_float("tile_add", "s", s);
   check_same_device("tile_add", "base", base, "s", s);
@@ -184,6 +195,7 @@ at::Tensor tile_add(const at::Tensor& base, const at::Tensor& s) {
 }
 
 at::Tensor bat_transform(const at::Tensor& weight, const at::Tensor& block) {
+  MISS_EXT_NO_AUTOCAST;
   check_bat_shapes("bat_transform", "weight", weight, block);
   // The transform runs in the block's dtype, as PEFT computes the delta in the adapter's dtype.
   at::Tensor w = weight.to(block.scalar_type()).contiguous();
@@ -194,6 +206,7 @@ at::Tensor bat_transform(const at::Tensor& weight, const at::Tensor& block) {
 }
 
 at::Tensor bat_block_grad(const at::Tensor& grad, const at::Tensor& weight, int64_t r) {
+  MISS_EXT_NO_AUTOCAST;
   const char* op = "bat_block_grad";
   check_float(op, "grad", grad);
   check_float(op, "weight", weight);
@@ -214,6 +227,7 @@ at::Tensor bat_block_grad(const at::Tensor& grad, const at::Tensor& weight, int6
 }
 
 at::Tensor bat_weight_grad(const at::Tensor& grad, const at::Tensor& block) {
+  MISS_EXT_NO_AUTOCAST;
   check_bat_shapes("bat_weight_grad", "grad", grad, block);
   at::Tensor g = grad.contiguous();
   at::Tensor b = block.to(grad.scalar_type()).contiguous();
@@ -224,6 +238,7 @@ at::Tensor bat_weight_grad(const at::Tensor& grad, const at::Tensor& block) {
 
 at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, at::TensorList blocks) {
+  MISS_EXT_NO_AUTOCAST;
   const char* op = "bat_linear";
   TORCH_CHECK(!blocks.empty(), "miss_ext.", op,
               ": argument 'blocks' must hold at least one (out_features / r, r, r) block");
@@ -253,6 +268,7 @@ at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight,
 }
 
 at::Tensor bat_unmerge(const at::Tensor& weight, const at::Tensor& block) {
+  MISS_EXT_NO_AUTOCAST;
   const char* op = "bat_unmerge";
   const int64_t r = check_bat_shapes(op, "weight", weight, block);
   const int64_t out_f = weight.size(0), in_f = weight.size(1), nb = out_f / r;
@@ -285,6 +301,7 @@ std::tuple<at::Tensor, at::Tensor> miss_linear(const at::Tensor& x, const at::Te
                                                const std::optional<at::Tensor>& bias,
                                                const at::Tensor& block, double p,
                                                const std::optional<at::Tensor>& seed) {
+  MISS_EXT_NO_AUTOCAST;
   const char* op = "miss_linear";
   check_float(op, "x", x);
   check_float(op, "weight", weight);
@@ -326,6 +343,7 @@ std::tuple<at::Tensor, at::Tensor> miss_linear(const at::Tensor& x, const at::Te
 }
 
 at::Tensor miss_merge(const at::Tensor& weight, const at::Tensor& block, double alpha) {
+  MISS_EXT_NO_AUTOCAST;
   const char* op = "miss_merge";
   check_float(op, "weight", weight);
   check_float(op, "block", block);

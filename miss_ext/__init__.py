@@ -11,6 +11,7 @@ _C = _load_core()
 from . import _ops  # noqa: E402,F401  (fake kernels and autograd of torch.ops.miss_ext)
 from . import functional, reference  # noqa: E402,F401
 from .layer import MissLinear  # noqa: E402
+from .inject import inject, print_trainable_parameters  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,21 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["MissLinear", "functional", "reference", "build_info", "__version__"]
+def __getattr__(name: str):
+    # `miss_ext.peft` imports on first use, so `import miss_ext` never pulls in PEFT.
+    if name == "peft":
+        import importlib
+
+        return importlib.import_module(".peft", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "MissLinear",
+    "functional",
+    "reference",
+    "inject",
+    "print_trainable_parameters",
+    "build_info",
+    "__version__",
+]

@@ -99,7 +99,8 @@ def mini_forward(
             f"mini_r ({m}); choose mini_r dividing out_features"
         )
     small = blocksum(x, r, dropout_p, training, seed) @ block
-    if base_out.dtype == block.dtype:
+    # Decided on `small`, not `block`: under autocast the product may come out in another dtype.
+    if base_out.dtype == small.dtype:
         return ops.tile_add(base_out, small)
     return base_out + ops.tile(small, out_features)
 

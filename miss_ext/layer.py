@@ -2,12 +2,27 @@
 
 Parameter names and shapes follow PEFT's ``MissLinear`` (``base_layer.*``,
 ``miss_block.<adapter>``) so PEFT MiSS state dicts load key for key.
+
+Unlike PEFT, the variant is stored per adapter, so standard, mini and BAT adapters can share
+a layer. With several active adapters the layer computes (SPEC section 5)::
+
+    y = x W'^T + b + sum over active standard/mini adapters of their terms
+
+where ``W'`` is the base weight after every active BAT adapter's transform, in the order of
+``active_adapters``. Merging keeps that meaning: BAT adapters are always merged into the
+weight before additive ones (see :func:`merge_steps`), so a merged layer computes what the
+unmerged one did.
+
+The module-level helpers are shared with :mod:`miss_ext.peft`, which runs PEFT's own layers on
+the same code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Union
+import warnings
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -26,6 +41,14 @@ def variant_of(init_weights: InitWeights) -> str:
     raise ValueError(
         f"init_weights must be True, False, 'bat' or 'mini' (got {init_weights!r})"
     )
+
+
+def variant_of_block(block: torch.Tensor, out_features: int) -> str:
+    """The variant a block's shape implies. A mini block as wide as the output is the standard
+    variant exactly, so the shape alone decides the math."""
+    if block.dim() == 3:
+        return "bat"
+    return "standard" if block.shape[1] == out_features else "mini"
 
 
 def features_of(base_layer: nn.Module) -> tuple[int, int]:
@@ -60,16 +83,197 @@ def check_adapter_shape(in_f: int, out_f: int, r: int, mini_r, variant: str) -> 
             )
 
 
-def new_block(in_f: int, out_f: int, r: int, mini_r, init_weights: InitWeights) -> torch.Tensor:
+def check_dropout(p) -> float:
+    if not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"`miss_dropout` must be in [0, 1] (got {p})")
+    return float(p)
+
+
+def real_weight(base_layer: nn.Module) -> torch.Tensor:
+    w = getattr(base_layer, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.is_meta or not w.is_floating_point():
+        raise TypeError(
+            f"BAT (init_weights='bat') and merging need the base weight itself, so the base layer "
+            f"needs a real 2-D `weight` tensor ({type(base_layer).__name__} has none)"
+        )
+    return w
+
+
+def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
+    """fp32 (fp64 on an fp64 base), which is what ``get_peft_model`` ends with: it creates
+    blocks in the base dtype and then upcasts fp16/bf16 ones (small blocks; the optimiser wants
+    the precision)."""
+    w = getattr(base_layer, "weight", None)
+    if isinstance(w, torch.Tensor) and w.is_floating_point() and w.dtype == torch.float64:
+        return torch.float64
+    return torch.float32
+
+
+def new_block(in_f: int, out_f: int, r: int, mini_r, init_weights: InitWeights, dtype=None, device=None) -> torch.Tensor:
     variant = variant_of(init_weights)
     if variant == "bat":
-        return torch.zeros(out_f // r, r, r)
-    if variant == "mini":
-        return torch.zeros(r, mini_r)
-    block = torch.zeros(r, out_f)
+        shape = (out_f // r, r, r)
+    elif variant == "mini":
+        shape = (r, mini_r)
+    else:
+        shape = (r, out_f)
+    block = torch.zeros(shape, dtype=dtype, device=device)
     if init_weights is False:  # PEFT's random init, for tests
         nn.init.kaiming_uniform_(block, a=math.sqrt(5))
     return block
+
+
+# ---------------------------------------------------------------- forward pieces
+
+
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def add_miss_term(result: torch.Tensor, x: torch.Tensor, block: torch.Tensor, variant: str, dropout_p: float) -> torch.Tensor:
+    """``result`` plus a standard or mini adapter's term; ``x`` is already in the dtype the
+    caller wants the adapter branch in, ``dropout_p`` is 0 outside training. A dropout seed is
+    drawn from torch's default generator only when dropout is live, so ``torch.manual_seed``
+    replays it."""
+    fn = MF.mini_forward if variant == "mini" else MF.miss_forward
+    return fn(x, result, block, dropout_p, True)
+
+
+def plain_linear(base_layer: nn.Module, args, kwargs) -> bool:
+    """True when ``base_layer(x)`` is exactly ``F.linear(x, weight, bias)``: a plain
+    ``nn.Linear`` forward, no hooks, no extra arguments; its GEMM can then be fused with an
+    adapter's (quantized and other linear-like bases stay black boxes)."""
+    hooks = nn.modules.module
+    return (
+        not args
+        and not kwargs
+        and isinstance(base_layer, nn.Linear)
+        and type(base_layer).forward is nn.Linear.forward
+        and not base_layer._forward_hooks
+        and not base_layer._forward_pre_hooks
+        and not hooks._global_forward_hooks
+        and not hooks._global_forward_pre_hooks
+    )
+
+
+def additive_output(
+    base_layer: nn.Module,
+    x: torch.Tensor,
+    terms: Sequence[tuple[torch.Tensor, str, float]],
+    args=(),
+    kwargs=None,
+    cast: Callable[[torch.Tensor, torch.dtype], torch.Tensor] = lambda t, dtype: t.to(dtype),
+    base_out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``base_out`` (default ``base_layer(x)``) plus the standard/mini ``terms`` (block, variant,
+    dropout p already 0 outside training).
+
+    Without a given ``base_out``, when the base is a plain ``nn.Linear`` in the first block's
+    dtype (and no autocast), that adapter runs fused with the base GEMM (``miss_linear``): same
+    numbers, fewer passes over the activations, only the ``N x r`` block sum kept for backward."""
+    kwargs = kwargs or {}
+    terms = list(terms)
+    if base_out is None:
+        fusable = (
+            terms
+            and autocast_dtype(x) is None
+            and plain_linear(base_layer, args, kwargs)
+            and x.dtype == terms[0][0].dtype == base_layer.weight.dtype
+        )
+        if fusable:
+            block, _, p = terms.pop(0)
+            base_out = MF.miss_linear(x, base_layer.weight, base_layer.bias, block, p, True)
+        else:
+            base_out = base_layer(x, *args, **kwargs)
+    for block, variant, p in terms:
+        base_out = add_miss_term(base_out, cast(x, block.dtype), block, variant, p)
+    return base_out
+
+
+def bat_output(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], blocks: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """``x W'^T + b`` for BAT blocks composed in order. As in PEFT the transformed weight has the
+    promoted dtype of the weight and the blocks; under autocast, like any linear layer, it runs
+    in the autocast dtype (the op is not autocast-aware, so the cast is explicit here)."""
+    dtype = weight.dtype
+    for b in blocks:
+        dtype = torch.promote_types(dtype, b.dtype)
+    dtype = autocast_dtype(x) or dtype
+    x, blocks = x.to(dtype), [b.to(dtype) for b in blocks]
+    # The BAT kernels call aten GEMMs internally; a live autocast would recast those and break
+    # the kernels' dtype contract, so the op runs with autocast off (the dtype is chosen above).
+    with torch.autocast(x.device.type, enabled=False):
+        return MF.bat_linear(x, weight, bias, blocks)
+
+
+# ---------------------------------------------------------------- merging
+
+
+def merge_steps(merged: Sequence[tuple[str, str]], new: Sequence[tuple[str, str]]):
+    """Plan merging ``new`` (name, variant) pairs on top of the already ``merged`` ones.
+
+    BAT transforms do not commute with additive deltas, and the layer's meaning is
+    "BAT-composed weight plus additive terms", so merged adapters are kept in the order
+    [BAT..., additive...]. Merging a BAT adapter while additive ones are merged therefore takes
+    those off first and puts them back after. Returns (steps, new merged order); a step is
+    (op, name) with op in add/sub/bat.
+    """
+    merged_bat = [n for n, v in merged if v == "bat"]
+    merged_add = [n for n, v in merged if v != "bat"]
+    new_bat = [n for n, v in new if v == "bat"]
+    new_add = [n for n, v in new if v != "bat"]
+    steps = []
+    readd = merged_add if new_bat else []
+    steps += [("sub", n) for n in reversed(readd)]
+    steps += [("bat", n) for n in new_bat]
+    steps += [("add", n) for n in readd + new_add]
+    return steps, merged_bat + new_bat + merged_add + new_add
+
+
+def unmerge_steps(merged: Sequence[tuple[str, str]]):
+    return [("unbat" if v == "bat" else "sub", n) for n, v in reversed(merged)]
+
+
+def apply_steps(
+    weight: torch.Tensor, steps, blocks: dict, check_finite: bool = False
+) -> torch.Tensor:
+    """The weight after ``steps``, computed out of place in fp32 (fp64 when anything is fp64)
+    and rounded once to the weight's dtype (SPEC section 6). Raises before returning, so the
+    caller's weight is untouched on any failure."""
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        wide = weight.dtype == torch.float64 or any(blocks[n].dtype == torch.float64 for _, n in steps)
+        acc = torch.float64 if wide else torch.float32
+        w = weight.to(acc)
+        for op, name in steps:
+            b = blocks[name].detach().to(device=w.device, dtype=acc)
+            if op == "add":
+                w = MF.miss_merge(w, b, 1.0)
+            elif op == "sub":
+                w = MF.miss_merge(w, b, -1.0)
+            elif op == "bat":
+                w = MF.bat_transform(w, b)
+            else:
+                w = MF.bat_unmerge(w, b)
+            if check_finite and op in ("add", "bat") and not torch.isfinite(w).all():
+                raise ValueError(
+                    f"NaNs detected in the merged weights (safe_merge): the adapter {name!r} seems to "
+                    f"be broken; the base weight was left unchanged"
+                )
+        return w.to(weight.dtype) if steps else weight.clone()
+
+
+def delta_weight(weight: torch.Tensor, block: torch.Tensor, variant: str) -> torch.Tensor:
+    """Dense ``dW`` with ``W + dW`` the merged weight, in the block's dtype (differentiable)."""
+    out_f, in_f = weight.shape
+    if variant != "bat":
+        return MF.miss_delta_weight(block, out_f, in_f)
+    acc = torch.float64 if torch.float64 in (weight.dtype, block.dtype) else torch.float32
+    w = weight.detach().to(acc)
+    return (MF.bat_transform(w, block.to(acc)) - w).to(block.dtype)
 
 
 class MissLinear(nn.Module):
@@ -77,19 +281,22 @@ class MissLinear(nn.Module):
 
     Args:
         base_layer: any module with ``in_features``/``out_features`` (called as a black box for
-            the standard and mini variants); BAT also needs a real ``weight``.
+            the standard and mini variants); BAT and merging also need a real ``weight``.
         r: block size.
-        mini_r: width of the shared block for ``init_weights="mini"``.
+        mini_r: width of the shared block for ``init_weights="mini"`` (``None``: PEFT's default, 1).
         init_weights: ``True`` (standard, zeros), ``False`` (standard, random), ``"bat"``, ``"mini"``.
         miss_dropout: dropout on the adapter branch's input (standard and mini only, as in PEFT).
-        adapter_name: name of the first adapter.
+        adapter_name: name of the first adapter, which is active and trainable.
+
+    New blocks take the base weight's device and are fp32 (fp64 on an fp64 base), as with
+    PEFT's ``get_peft_model``; ``.to()`` them for other dtypes.
     """
 
     def __init__(
         self,
         base_layer: nn.Module,
         r: int = 64,
-        mini_r: int = 1,
+        mini_r: Optional[int] = None,
         init_weights: InitWeights = True,
         miss_dropout: float = 0.0,
         adapter_name: str = "default",
@@ -103,82 +310,203 @@ class MissLinear(nn.Module):
         self.miss_mini_r: dict[str, int] = {}
         self.miss_dropout_p: dict[str, float] = {}
         self.miss_variant: dict[str, str] = {}
-        self.active_adapters: list[str] = [adapter_name]
+        self.merged_adapters: list[str] = []
+        self._active_adapter: list[str] = [adapter_name]
+        self._disable_adapters = False
         self.update_layer(adapter_name, r, mini_r, init_weights, miss_dropout)
+
+    # ------------------------------------------------------------ adapters
 
     def update_layer(
         self,
         adapter_name: str,
         r: int,
-        mini_r: int = 1,
+        mini_r: Optional[int] = None,
         init_weights: InitWeights = True,
         miss_dropout: float = 0.0,
+        inference_mode: bool = False,
     ) -> None:
-        """Adds (or replaces) adapter ``adapter_name``; validation happens before any change."""
+        """Adds (or replaces) adapter ``adapter_name``; every check runs before any change.
+        As in PEFT the adapter is trainable only if it is active."""
         variant = variant_of(init_weights)
+        mini_r = 1 if mini_r is None else mini_r
         check_adapter_shape(self.in_features, self.out_features, r, mini_r, variant)
-        if not 0.0 <= float(miss_dropout) <= 1.0:
-            raise ValueError(f"`miss_dropout` must be in [0, 1] (got {miss_dropout})")
+        p = check_dropout(miss_dropout)
         if variant == "bat":
-            self.base_weight()  # BAT needs a real weight: fail before adding anything
-        block = new_block(self.in_features, self.out_features, r, mini_r, init_weights)
-        ref = self.base_weight_or_none()
-        if ref is not None:
-            block = block.to(device=ref.device)
+            real_weight(self.base_layer)
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before replacing it")
+        w = getattr(self.base_layer, "weight", None)
+        device = w.device if isinstance(w, torch.Tensor) and not w.is_meta else None
+        block = new_block(
+            self.in_features, self.out_features, r, mini_r, init_weights, adapter_dtype(self.base_layer), device
+        )
         self.miss_block[adapter_name] = nn.Parameter(block)
         self.miss_r[adapter_name] = r
         self.miss_mini_r[adapter_name] = mini_r
-        self.miss_dropout_p[adapter_name] = float(miss_dropout)
+        self.miss_dropout_p[adapter_name] = p
         self.miss_variant[adapter_name] = variant
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def base_weight_or_none(self):
-        w = getattr(self.base_layer, "weight", None)
-        return w if isinstance(w, torch.Tensor) else None
+    def add_adapter(
+        self,
+        adapter_name: str,
+        r: int,
+        mini_r: Optional[int] = None,
+        init_weights: InitWeights = True,
+        miss_dropout: float = 0.0,
+    ) -> None:
+        """Like :meth:`update_layer`, but refuses to replace an existing adapter."""
+        if adapter_name in self.miss_block:
+            raise ValueError(f"adapter {adapter_name!r} already exists; use update_layer() to replace it")
+        self.update_layer(adapter_name, r, mini_r, init_weights, miss_dropout)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> list[str]:
+        return self.active_adapters
+
+    def set_adapter(self, adapter_names: Union[str, Iterable[str]], inference_mode: bool = False) -> None:
+        """Activates ``adapter_names`` (in this order: it is the BAT composition order) and, as
+        PEFT does, makes exactly those trainable unless ``inference_mode``."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for key, block in self.miss_block.items():
+            block.requires_grad_(key in names and not inference_mode)
+        self._active_adapter = names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.miss_block:
+            raise ValueError(f"no adapter {adapter_name!r} on this layer (has {list(self.miss_block)})")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(
+                f"adapter {adapter_name!r} is merged into the base weight; unmerge() before deleting it"
+            )
+        for d in (self.miss_block, self.miss_r, self.miss_mini_r, self.miss_dropout_p, self.miss_variant):
+            del d[adapter_name]
+        active = [a for a in self._active_adapter if a != adapter_name]
+        if not active and adapter_name in self._active_adapter and len(self.miss_block):
+            active = [sorted(self.miss_block)[0]]  # PEFT's choice: deterministic across layers
+            warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {active[0]}.")
+        self.set_adapter(active)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """PEFT's switch; disabling unmerges first, so the base layer alone is what runs."""
+        if enabled:
+            self.set_adapter(self.active_adapters)
+            self._disable_adapters = False
+        else:
+            if self.merged:
+                self.unmerge()
+            for block in self.miss_block.values():
+                block.requires_grad_(False)
+            self._disable_adapters = True
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """``with layer.disable_adapter(): ...`` runs the base layer alone, then restores."""
+        was_disabled = self._disable_adapters
+        grads = {k: b.requires_grad for k, b in self.miss_block.items()}
+        self.enable_adapters(False)
+        try:
+            yield self
+        finally:
+            self._disable_adapters = was_disabled
+            for k, b in self.miss_block.items():
+                b.requires_grad_(grads.get(k, False))
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
 
     def base_weight(self) -> torch.Tensor:
-        w = self.base_weight_or_none()
-        if w is None or w.dim() != 2 or w.is_meta:
-            raise TypeError(
-                f"BAT (init_weights='bat') transforms the base weight, so the base layer needs a "
-                f"real 2-D `weight` tensor ({type(self.base_layer).__name__} has none)"
-            )
-        return w
+        return real_weight(self.base_layer)
 
     def _active(self) -> list[str]:
-        return [a for a in self.active_adapters if a in self.miss_block]
+        return [a for a in self._active_adapter if a in self.miss_block]
+
+    # ------------------------------------------------------------ merging
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Merges ``adapter_names`` (default: the active ones not yet merged) into the base weight
+        (SPEC section 6). The new weight is computed out of place and copied in only when
+        every step succeeded, so a failed safe merge leaves the weight bit-for-bit unchanged."""
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
+        names = self._active() if adapter_names is None else list(adapter_names)
+        unknown = [n for n in names if n not in self.miss_block]
+        if unknown:
+            raise ValueError(f"cannot merge unknown adapter(s) {unknown} (has {list(self.miss_block)})")
+        names = [n for n in names if n not in self.merged_adapters]
+        if not names:
+            if self.merged:
+                warnings.warn("All adapters are already merged, nothing to do.")
+            return
+        weight = self.base_weight()
+        steps, order = merge_steps(self._with_variants(self.merged_adapters), self._with_variants(names))
+        new = apply_steps(weight, steps, self.miss_block, check_finite=safe_merge)
+        with torch.no_grad():
+            weight.copy_(new)
+        self.merged_adapters = order
+
+    def unmerge(self) -> None:
+        """Takes every merged adapter out, last merged first. A singular BAT ``I + B_i`` raises
+        and leaves the weight and ``merged_adapters`` as they were."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        weight = self.base_weight()
+        new = apply_steps(weight, unmerge_steps(self._with_variants(self.merged_adapters)), self.miss_block)
+        with torch.no_grad():
+            weight.copy_(new)
+        self.merged_adapters = []
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The dense ``dW`` that merging ``adapter_name`` alone adds to the current base weight
+        (for BAT it depends on that weight: ``W B_i + B_i`` per block)."""
+        block = self.miss_block[adapter_name]
+        variant = self.miss_variant[adapter_name]
+        if variant == "bat":
+            return delta_weight(self.base_weight(), block, variant)
+        return MF.miss_delta_weight(block, self.out_features, self.in_features)
+
+    def _with_variants(self, names: Sequence[str]) -> list[tuple[str, str]]:
+        return [(n, self.miss_variant[n]) for n in names]
+
+    # ------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         previous_dtype = x.dtype
-        active = self._active()
+        if self._disable_adapters and self.merged:
+            self.unmerge()  # only reachable if merge() was called while disabled (PEFT does this too)
+        active = [] if self._disable_adapters or self.merged else self._active()
         bat = [a for a in active if self.miss_variant[a] == "bat"]
-        additive = [a for a in active if self.miss_variant[a] != "bat"]
+        terms = [
+            (self.miss_block[n], self.miss_variant[n], self.miss_dropout_p[n] if self.training else 0.0)
+            for n in active
+            if self.miss_variant[n] != "bat"
+        ]
+        base_out = None
         if bat:
-            result = self._bat_forward(x, bat)
-        else:
-            result = self.base_layer(x, *args, **kwargs)
-        for name in additive:
-            block = self.miss_block[name]
-            xa = x.to(block.dtype)
-            p = self.miss_dropout_p[name]
-            fn = MF.mini_forward if self.miss_variant[name] == "mini" else MF.miss_forward
-            result = fn(xa, result, block, p, self.training)
+            bias = getattr(self.base_layer, "bias", None)
+            base_out = bat_output(x, self.base_weight(), bias, [self.miss_block[n] for n in bat])
+        result = additive_output(self.base_layer, x, terms, args, kwargs, base_out=base_out)
         return result.to(previous_dtype)
-
-    def _bat_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-        weight = self.base_weight()
-        blocks = [self.miss_block[n] for n in names]
-        dtype = blocks[0].dtype
-        for b in blocks:
-            dtype = torch.promote_types(dtype, b.dtype)
-        dtype = torch.promote_types(dtype, weight.dtype)
-        blocks = [b.to(dtype) for b in blocks]
-        bias = getattr(self.base_layer, "bias", None)
-        return MF.bat_linear(x.to(dtype), weight, bias, blocks)
 
     def extra_repr(self) -> str:
         parts = [
             f"{n}: {self.miss_variant[n]} r={self.miss_r[n]}"
             + (f" mini_r={self.miss_mini_r[n]}" if self.miss_variant[n] == "mini" else "")
+            + (f" dropout={self.miss_dropout_p[n]}" if self.miss_dropout_p[n] else "")
             for n in self.miss_block
         ]
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{'; '.join(parts)}]"

@@ -1,0 +1,25 @@
+"""Benchmarks of miss_ext against its floor (the frozen ``nn.Linear``) and its peer (PEFT's MiSS).
+
+Run ``python -m bench --help`` from the repository root. Modules, one job each:
+
+* :mod:`bench.cases`       - the shape suites (default, llm, smoke) and the case list;
+* :mod:`bench.contestants` - floor / PEFT / miss_ext modules on one shared base and block;
+* :mod:`bench.timing`      - interleaved (round-robin) timing, medians, CUDA events;
+* :mod:`bench.memory`      - bytes saved by autograd (saved_tensors_hooks), CUDA peak memory;
+* :mod:`bench.costmodel`   - SPEC section 8's flop model (the ideal ratio to the floor);
+* :mod:`bench.accuracy`    - errors against ``miss_ext.reference`` (in float64) and PEFT;
+* :mod:`bench.layer_bench` - the one-layer suite (rows of numbers);
+* :mod:`bench.train_bench` - end-to-end training of a small Llama with PEFT and miss_ext;
+* :mod:`bench.profile`     - per-operator torch.profiler breakdown of a case;
+* :mod:`bench.report`      - aligned text table, CSV and PNG;
+* :mod:`bench.env`         - torch version, device, threads, git commit, date;
+* :mod:`bench.cli`         - the command line (``python -m bench``).
+"""
+
+__all__ = ["main"]
+
+
+def main(argv=None) -> int:
+    from .cli import main as _main
+
+    return _main(argv)

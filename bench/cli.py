@@ -1,0 +1,183 @@
+"""``python -m bench [layer|train] [options]`` (run from the repository root)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from . import cases as K
+from . import env, report
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _csv_list(text: str) -> list:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="miss_ext benchmarks: one layer against the frozen nn.Linear (floor) and PEFT's "
+        "MissLinear (peer), or end-to-end training of a small Llama (mode 'train').",
+    )
+    p.add_argument("mode", nargs="?", default="layer", choices=("layer", "train", "profile"),
+                   help="layer (default): the one-layer suite; train: the training benchmark; profile: "
+                   "per-operator torch.profiler breakdown of the layer cases (floor, peft, ours)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
+    p.add_argument("--dtypes", default=None,
+                   help="comma list: float32,bfloat16 (layer default: the suite's; train default: float32)")
+    p.add_argument("--variants", default=",".join(K.VARIANTS), help="comma list of standard,mini,bat")
+    p.add_argument("--suite", default="default", choices=sorted(K.SUITES),
+                   help="layer shapes: default (1024x2048x2048, r=64), llm (4096/11008, r=16/64/128), "
+                   "smoke (seconds)")
+    p.add_argument("--shape", action="append", default=None, metavar="N,in,out,r[,mini_r]",
+                   help="replace the suite's shapes (repeatable)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed rounds (default: the suite's: default 10, llm 5, smoke 2; x5 on CUDA)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed rounds first (default: the suite's: 2, 1, 1; +3 on CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--csv", default=None, help="CSV path (default: bench/results/<mode>-<suite>-<device>-<time>.csv)")
+    p.add_argument("--png", default=None, help="PNG path (default: next to the CSV); layer mode only")
+    p.add_argument("--no-png", action="store_true", help="do not draw the chart")
+    p.add_argument("--no-check", action="store_true", help="skip the error checks (layer mode)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t = p.add_argument_group("train mode")
+    t.add_argument("--steps", type=int, default=20, help="optimizer steps per run (default 20)")
+    t.add_argument("--train-warmup", type=int, default=3, help="first steps left out of tokens/s (default 3)")
+    t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--hidden", type=int, default=256)
+    t.add_argument("--intermediate", type=int, default=768)
+    t.add_argument("--heads", type=int, default=4)
+    t.add_argument("--vocab", type=int, default=2048)
+    t.add_argument("--seq", type=int, default=128)
+    t.add_argument("--batch", type=int, default=4)
+    t.add_argument("--r", type=int, default=16, help="MiSS r for the training benchmark (default 16)")
+    t.add_argument("--mini-r", type=int, default=16)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--targets", default="qv,all", help="comma list of qv (q_proj,v_proj) and all (every "
+                   "linear but lm_head)")
+    return p
+
+
+def _check_device(device: str) -> None:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        import miss_ext
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch sees no CUDA device")
+        if not miss_ext.build_info().get("cuda"):
+            raise SystemExit("--device cuda: miss_ext was built without CUDA kernels")
+    elif dev.type != "cpu":
+        raise SystemExit(f"--device {device}: only cpu and cuda are supported")
+
+
+def _outputs(args, kind: str, tag: str):
+    base = f"{kind}-{tag}-{torch.device(args.device).type}-{env.stamp()}"
+    csv_path = Path(args.csv) if args.csv else RESULTS / f"{base}.csv"
+    png_path = None
+    if not args.no_png:
+        png_path = Path(args.png) if args.png else csv_path.with_suffix(".png")
+    return csv_path, png_path
+
+
+def run_layer(args) -> int:
+    from .layer_bench import run_suite
+
+    suite = K.SUITES[args.suite]
+    shapes = [K.parse_shape(s) for s in args.shape] if args.shape else list(suite.shapes)
+    dtypes = K.parse_dtypes(_csv_list(args.dtypes) if args.dtypes else suite.dtypes)
+    cases, skipped = K.build_cases(shapes, dtypes, _csv_list(args.variants))
+    on_cuda = torch.device(args.device).type == "cuda"
+    # GPU rounds are cheap and event timings of sub-millisecond calls jitter: take more of them.
+    repeats = args.repeats if args.repeats is not None else suite.repeats * (5 if on_cuda else 1)
+    warmup = args.warmup if args.warmup is not None else suite.warmup + (3 if on_cuda else 0)
+    meta = env.collect(args.device)
+    suite_name = "custom" if args.shape else args.suite
+    meta.update(suite=suite_name, clock="cuda-events" if meta["device"].startswith("cuda") else "perf_counter")
+    print(f"# miss_ext layer bench: suite={suite_name} device={meta['device_name']} torch={meta['torch']} "
+          f"threads={meta['threads']} commit={meta['git_commit']} repeats={repeats} warmup={warmup}",
+          flush=True)
+    for c, why in skipped:
+        print(f"# skipped {c.label()}: {why}")
+    rows = run_suite(cases, args.device, warmup, repeats, check=not args.no_check, seed=args.seed,
+                     progress=not args.no_progress)
+    show_peak = meta["device"].startswith("cuda")
+    print(report.layer_table(rows, show_peak=show_peak))
+    print("# ratios: median over interleaved rounds of (time / time of the other in the same round); "
+          "fl = frozen nn.Linear, flW = linear with weight grad (BAT's floor)")
+    csv_path, png_path = _outputs(args, "layer", suite_name)
+    report.write_csv(csv_path, rows, meta)
+    print(f"# csv: {csv_path}")
+    if png_path is not None:
+        title = f"miss_ext vs PEFT, time / frozen nn.Linear (suite {suite_name})\n{meta['device_name']}, " \
+                f"torch {meta['torch']}, {meta['threads']} threads, {meta['git_commit']}, {meta['date']}"
+        out = report.write_png(png_path, rows, title)
+        print(f"# png: {out}" if out else "# png: skipped (matplotlib not installed)")
+    args._rows = rows  # for callers that use main() in-process (tests)
+    return 0
+
+
+def run_train(args) -> int:
+    from .train_bench import TrainConfig, run_train_suite
+
+    dtypes = K.parse_dtypes(_csv_list(args.dtypes) if args.dtypes else ["float32"])
+    targets = _csv_list(args.targets)
+    for t in targets:
+        if t not in ("qv", "all"):
+            raise SystemExit(f"--targets: unknown {t!r} (qv, all)")
+    cfg = TrainConfig(layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
+                      heads=args.heads, vocab=args.vocab, seq=args.seq, batch=args.batch, r=args.r,
+                      mini_r=args.mini_r, lr=args.lr, steps=args.steps, warmup=args.train_warmup,
+                      seed=args.seed)
+    meta = env.collect(args.device)
+    print(f"# miss_ext train bench: device={meta['device_name']} torch={meta['torch']} "
+          f"threads={meta['threads']} commit={meta['git_commit']} {cfg.describe()}", flush=True)
+    rows = run_train_suite(cfg, targets, _csv_list(args.variants), dtypes, args.device,
+                           progress=not args.no_progress)
+    show_peak = meta["device"].startswith("cuda")
+    print(report.train_table(rows, show_peak=show_peak))
+    mem = "peak CUDA memory above the model" if show_peak else "bytes autograd saves for backward (no params)"
+    print(f"# tokens/s: batch*seq / median step time (fwd+bwd+AdamW), after {cfg.warmup} warmup steps, "
+          f"runs interleaved step by step; memory: {mem}")
+    csv_path, _ = _outputs(args, "train", "llama")
+    report.write_csv(csv_path, rows, meta)
+    print(f"# csv: {csv_path}")
+    args._rows = rows
+    return 0 if all(r["loss_ok"] for r in rows) else 1
+
+
+def run_profile(args) -> int:
+    from .profile import profile_case
+
+    suite = K.SUITES[args.suite]
+    shapes = [K.parse_shape(s) for s in args.shape] if args.shape else list(suite.shapes)
+    dtypes = K.parse_dtypes(_csv_list(args.dtypes) if args.dtypes else suite.dtypes)
+    cases, _ = K.build_cases(shapes, dtypes, _csv_list(args.variants))
+    iters = args.repeats if args.repeats is not None else 5
+    for case in cases:
+        print(profile_case(case, args.device, who=("floor", "peft", "ours"), iters=iters, seed=args.seed),
+              flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _check_device(args.device)
+    if args.mode == "train":
+        return run_train(args)
+    if args.mode == "profile":
+        return run_profile(args)
+    return run_layer(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Put MiSS adapters into a model: ``inject`` wraps the targeted ``nn.Linear`` modules in
+:class:`~miss_ext.MissLinear` and freezes everything else, choosing targets as PEFT does, so a
+``MissConfig``'s ``target_modules`` means the same here. Also model-wide adapter switches and
+parameter counts."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Iterable, Optional, Union
+
+from torch import nn
+
+from .layer import InitWeights, MissLinear, check_adapter_shape, check_dropout, real_weight, variant_of
+
+Targets = Union[str, Iterable[str]]
+ALL_LINEAR = "all-linear"
+
+__all__ = [
+    "inject",
+    "find_targets",
+    "miss_layers",
+    "set_adapter",
+    "adapters_disabled",
+    "trainable_parameters",
+    "print_trainable_parameters",
+]
+
+
+def miss_layers(model: nn.Module) -> list[tuple[str, MissLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MissLinear)]
+
+
+def _inside_miss_layer(model: nn.Module) -> set[str]:
+    """Names of modules inside a MissLinear (its base layer): never targets themselves."""
+    inner = set()
+    for prefix, layer in miss_layers(model):
+        inner.update(f"{prefix}.{sub}" if prefix else sub for sub, _ in layer.named_modules() if sub)
+    return inner
+
+
+def _output_head(model: nn.Module) -> Optional[str]:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
+def find_targets(model: nn.Module, target_modules: Targets) -> list[str]:
+    """Module names that ``target_modules`` selects, PEFT's way: a string is a regex that must
+    match the whole name; a list matches a name exactly or as a dotted suffix; ``"all-linear"``
+    is every linear layer except the output head (``get_output_embeddings()``)."""
+    inner = _inside_miss_layer(model)
+    names = [n for n, _ in model.named_modules() if n and n not in inner]
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        head = _output_head(model)
+        return [
+            n for n in names
+            if isinstance(model.get_submodule(n), (nn.Linear, MissLinear)) and n != head
+        ]
+    if isinstance(target_modules, str):
+        pattern = re.compile(target_modules)
+        return [n for n in names if pattern.fullmatch(n)]
+    keys = list(target_modules)
+    return [n for n in names if n in keys or any(n.endswith("." + k) for k in keys)]
+
+
+def _split(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent, _, child = name.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), child
+
+
+def inject(
+    model: nn.Module,
+    target_modules: Targets,
+    r: int,
+    mini_r: Optional[int] = None,
+    init_weights: InitWeights = True,
+    miss_dropout: float = 0.0,
+    adapter_name: str = "default",
+) -> nn.Module:
+    """Adds adapter ``adapter_name`` to every ``nn.Linear`` that ``target_modules`` selects (a
+    layer that is already a MissLinear gets the adapter added) and freezes every non-adapter
+    parameter. Every target is checked before the model is touched, so a bad shape or target
+    raises with the model unchanged. Returns ``model``.
+
+    As in PEFT, the first adapter is active and trainable; an adapter added to a model that
+    already has MiSS adapters is added inactive (frozen): switch with :func:`set_adapter`.
+    """
+    variant = variant_of(init_weights)
+    check_dropout(miss_dropout)
+    mini_r_ = 1 if mini_r is None else mini_r
+    targets = find_targets(model, target_modules)
+    if not targets:
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no module of {type(model).__name__}; "
+            f"a list matches names exactly or by '.'-suffix, a string is a full-match regex"
+        )
+    existing = miss_layers(model)
+    for name in targets:
+        module = model.get_submodule(name)
+        if isinstance(module, MissLinear):
+            in_f, out_f, base = module.in_features, module.out_features, module.base_layer
+            if adapter_name in module.miss_block:
+                raise ValueError(f"{name}: adapter {adapter_name!r} already exists")
+        elif isinstance(module, nn.Linear):
+            in_f, out_f, base = module.in_features, module.out_features, module
+        else:
+            raise TypeError(
+                f"target {name!r} ({type(module).__name__}) matched {target_modules!r} but is not an "
+                f"nn.Linear; MiSS only adapts linear layers"
+            )
+        try:
+            check_adapter_shape(in_f, out_f, r, mini_r_, variant)
+            if variant == "bat":
+                real_weight(base)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{name}: {e}") from None
+
+    active = existing[0][1].active_adapters if existing else [adapter_name]
+    for name in targets:
+        module = model.get_submodule(name)
+        if isinstance(module, MissLinear):
+            module.update_layer(adapter_name, r, mini_r_, init_weights, miss_dropout)
+        else:
+            parent, child = _split(model, name)
+            layer = MissLinear(module, r, mini_r_, init_weights, miss_dropout, adapter_name)
+            layer.set_adapter(active)
+            setattr(parent, child, layer)
+
+    for pname, p in model.named_parameters():
+        if ".miss_block." not in f".{pname}":
+            p.requires_grad_(False)
+    return model
+
+
+def set_adapter(model: nn.Module, adapter_names: Union[str, Iterable[str]], inference_mode: bool = False) -> None:
+    """Activates ``adapter_names`` on every MissLinear (and makes them the trainable ones)."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    layers = miss_layers(model)
+    known = {a for _, layer in layers for a in layer.miss_block}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ValueError(f"adapter(s) {missing} not found in the model (has {sorted(known)})")
+    for _, layer in layers:
+        layer.set_adapter(names, inference_mode=inference_mode)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """``with adapters_disabled(model): ...`` runs every base layer alone (merged adapters are
+    unmerged first), then re-enables what was enabled."""
+    with contextlib.ExitStack() as stack:
+        for _, layer in miss_layers(model):
+            stack.enter_context(layer.disable_adapter())
+        yield model
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, as PEFT's ``get_nb_trainable_parameters``."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    trainable, total = trainable_parameters(model)
+    share = 100 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
