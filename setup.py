@@ -116,7 +116,7 @@ def extensions():
 
     sources = ["csrc/ops.cpp", "csrc/ops_front.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     define_macros = [("MISS_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]  # the C++ standard comes from torch (C++17 on 2.13, C++20 on 2.14)
     if _torch_uses_openmp():
         cxx.append("-fopenmp")
     extra_link = ["-fopenmp"] if _torch_uses_openmp() else []
@@ -131,7 +131,7 @@ def extensions():
         include_dirs += _cuda_math_includes()
         ext = cpp_extension.CUDAExtension(
             "miss_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=extra_link)
     else:
         ext = cpp_extension.CppExtension(

@@ -23,21 +23,27 @@ namespace miss_ext {
 namespace cpu {
 namespace {
 
-constexpr int64_t kChunkRows = 512;
+// Rows of a slab per task of the block gradient: whole slabs when there are enough slabs to
+// keep the threads busy (one GEMM call each), else fixed chunks. A function of the shape only,
+// never of the thread count, so the summation order is the same on any number of threads.
+int64_t chunk_rows(int64_t n_slabs, int64_t rows) { return n_slabs >= 8 ? rows : 512; }
 
-int64_t chunks_per_slab(int64_t rows) { return (rows + kChunkRows - 1) / kChunkRows; }
+int64_t chunks_per_slab(int64_t n_slabs, int64_t rows) {
+  const int64_t chunk = chunk_rows(n_slabs, rows);
+  return (rows + chunk - 1) / chunk;
+}
 
-// Calls fn(i, t0, t1) for every block row i and chunk [t0, t1) of the `rows` rows of slab i.
+// Calls fn(task, i, t0, t1) for every block row i and chunk [t0, t1) of the rows of slab i.
 template <typename F>
 void for_each_chunk(int64_t n_slabs, int64_t rows, const F& fn) {
-  const int64_t per = chunks_per_slab(rows);
+  const int64_t per = chunks_per_slab(n_slabs, rows), chunk = chunk_rows(n_slabs, rows);
   at::parallel_for(0, n_slabs * per, 1, [&](int64_t begin, int64_t end) {
     // Worker threads do not inherit the caller's dispatch state: keep the at::mm calls below
     // autograd so they never record a graph on a weight that requires grad.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / per, t0 = (task % per) * kChunkRows;
-      fn(task, i, t0, std::min(rows, t0 + kChunkRows));
+      const int64_t i = task / per, t0 = (task % per) * chunk;
+      fn(task, i, t0, std::min(rows, t0 + chunk));
     }
   });
 }
@@ -47,42 +53,15 @@ void for_each_chunk(int64_t n_slabs, int64_t rows, const F& fn) {
 // faster than converting to fp32 here) and no rounding of I + B_i to a half type loses B_i's low
 // bits; the identity part is added in the fp32 epilogue, which rounds once.
 
-// Applies out = a + P + bias_row over the slabs, in fp32, where P = products (nb, in, r) and
-// bias_row(i, t) is row t / (in/r) of block i (or nothing when block_rows is null).
-template <typename scalar_t>
-void fused_epilogue(const at::Tensor& a, const at::Tensor& products, const scalar_t* block_rows,
-                    int64_t r, at::Tensor& out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t rows = a.numel() / r, in = a.size(1), per_a = in / r;
-  const scalar_t* ap = a.const_data_ptr<scalar_t>();
-  const scalar_t* pp = products.const_data_ptr<scalar_t>();
-  scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / r), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t i = row / in, t = row % in, off = row * r;
-      if (block_rows) {
-        const scalar_t* brow = block_rows + (i * r + t / per_a) * r;
-        for (int64_t c = 0; c < r; ++c)
-          op[off + c] = static_cast<scalar_t>(static_cast<acc_t>(ap[off + c]) +
-                                              static_cast<acc_t>(pp[off + c]) +
-                                              static_cast<acc_t>(brow[c]));
-      } else {
-        for (int64_t c = 0; c < r; ++c)
-          op[off + c] = static_cast<scalar_t>(static_cast<acc_t>(ap[off + c]) +
-                                              static_cast<acc_t>(pp[off + c]));
-      }
-    }
-  });
-}
-
-// W'_ij = W_ij + W_ij B_i + B_i: one batched GEMM over the slabs (its K = r is never split, so
-// the result does not depend on the thread count), then the fused epilogue.
-template <typename scalar_t>
-void transform_kernel(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out) {
-  const int64_t r = block.size(1), nb = block.size(0), in = weight.size(1);
+// W'_ij = W_ij + (W_ij B_i + B_i): one batched GEMM over the slabs (its K = r is never split,
+// so the result does not depend on the thread count), then two of ATen's vectorized passes.
+// The small terms are summed first, so the weight-sized sum rounds once at the weight's scale.
+void transform_products(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out) {
+  const int64_t r = block.size(1), nb = block.size(0), out_f = weight.size(0), in = weight.size(1);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const at::Tensor p = at::bmm(weight.view({nb, in, r}), block);
-  fused_epilogue<scalar_t>(weight, p, block.const_data_ptr<scalar_t>(), r, out);
+  at::Tensor p = at::bmm(weight.view({nb, in, r}), block);
+  p.view({nb, r, in / r, r}).add_(block.unsqueeze(2));
+  at::add_out(out, weight, p.view({out_f, in}));
 }
 
 template <typename scalar_t>
@@ -90,7 +69,7 @@ void block_grad_kernel(const at::Tensor& grad, const at::Tensor& weight, int64_t
                        at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t nb = grad.size(0) / r, in = grad.size(1), per_a = in / r;
-  const int64_t per = chunks_per_slab(in);
+  const int64_t per = chunks_per_slab(nb, in);
   const at::Tensor g3 = grad.view({nb, in, r}), w3 = weight.view({nb, in, r});
   const scalar_t* gp = grad.const_data_ptr<scalar_t>();
   // One fp32 r x r partial per chunk, summed below in a fixed order, so the result does not
@@ -124,20 +103,17 @@ void block_grad_kernel(const at::Tensor& grad, const at::Tensor& weight, int64_t
 }
 
 // dL/dW_ij = G_ij + G_ij B_i^T, like the transform.
-template <typename scalar_t>
-void weight_grad_kernel(const at::Tensor& grad, const at::Tensor& block, at::Tensor& out) {
+void weight_grad_products(const at::Tensor& grad, const at::Tensor& block, at::Tensor& out) {
   const int64_t r = block.size(1), nb = block.size(0), in = grad.size(1);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor p = at::bmm(grad.view({nb, in, r}), block.transpose(1, 2));
-  fused_epilogue<scalar_t>(grad, p, nullptr, r, out);
+  at::add_out(out, grad, p.view_as(grad));
 }
 
 }  // namespace
 
 void bat_transform(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
-                                  "miss_ext_bat_transform",
-                                  [&] { transform_kernel<scalar_t>(weight, block, out); });
+  transform_products(weight, block, out);
 }
 
 void bat_block_grad(const at::Tensor& grad, const at::Tensor& weight, int64_t r, at::Tensor& out) {
@@ -147,9 +123,7 @@ void bat_block_grad(const at::Tensor& grad, const at::Tensor& weight, int64_t r,
 }
 
 void bat_weight_grad(const at::Tensor& grad, const at::Tensor& block, at::Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
-                                  "miss_ext_bat_weight_grad",
-                                  [&] { weight_grad_kernel<scalar_t>(grad, block, out); });
+  weight_grad_products(grad, block, out);
 }
 
 }  // namespace cpu

@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, typename acc_t, bool DROP>
 __global__ void __launch_bounds__(kThreads)
     blocksum_finish_kernel(const acc_t* ws, scalar_t* out, int64_t rows, int64_t r, int splits,
-                           float scale) {
+                           double scale) {
   const int64_t total = rows * r;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
        e += int64_t(gridDim.x) * blockDim.x) {

@@ -21,7 +21,7 @@ namespace detail {
 
 constexpr int kThreads = 256;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // One 16-byte (or narrower, when N * sizeof(T) < 16) access.
 template <typename T, int N>
@@ -61,12 +61,17 @@ inline unsigned capped_blocks(int64_t blocks) {
   return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, INT_MAX));
 }
 
+// a * b rounded on its own: nvcc would otherwise fuse a following add into an FMA, and the
+// CPU kernels (no FMA) would then differ in the last bit.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
 // The kernel-side view of DropoutArgs. threshold/scale come from philox.h so the host and
 // the CPU kernels agree on them exactly.
 struct Mask {
   uint64_t seed = 0;
   uint64_t threshold = 0;
-  float scale = 1.0f;
+  double scale = 1.0;  // cast to the accumulation type at use, as the CPU kernels do
 };
 
 inline Mask make_mask(const DropoutArgs& d) {

@@ -1,6 +1,7 @@
 // miss_merge: out[o, k] = W[o, k] + alpha * block[k % r, o % m], in the block's dtype.
 //
-// Elementwise over W in 16-byte units. Merging is a one-off per adapter, so the strided
+// Elementwise over W in 16-byte units; the product is rounded before the add, as on the CPU,
+// so both devices give the same bits. Merging is a one-off per adapter, so the strided
 // reads of the small block are left to the cache rather than staged through shared memory.
 #include "cuda/cuda_utils.cuh"
 
@@ -27,7 +28,7 @@ __global__ void __launch_bounds__(kThreads)
     Vec<scalar_t, V> y;
 #pragma unroll
     for (int e = 0; e < V; ++e) {
-      y.v[e] = static_cast<scalar_t>(static_cast<acc_t>(x.v[e]) + alpha * bcol[c * m]);
+      y.v[e] = static_cast<scalar_t>(static_cast<acc_t>(x.v[e]) + mul_rn(alpha, bcol[c * m]));
       if (++c == r) c = 0;
     }
     store_vec<scalar_t, V>(out + o * cols + k0, y);
