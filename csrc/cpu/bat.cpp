@@ -3,11 +3,11 @@
 // (row t = a * (in/r) + j is row a of W_ij). A slab times an r x r matrix is then one GEMM:
 // no permuted copy of the weight is ever made.
 //
-// The r x r products go to the vendor GEMM: one batched GEMM over the slabs for the transform
-// and the weight gradient; fixed chunks of rows for the block gradient, whose reduction over
-// rows is then summed in a fixed order, so no result depends on the thread count. The rest (the
+// The r x r products go to the vendor GEMM, chunk by chunk of rows of a slab; the rest (the
 // identity term, the B_i broadcast, the sum over j, the rounding to the output dtype) is fused
-// into one fp32 pass.
+// into an fp32 pass over each chunk while it is in cache. Chunks are fixed by the shape and the
+// block gradient's per-chunk partials are summed in a fixed order, so no result depends on the
+// thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -15,6 +15,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "common/kernels.h"
@@ -51,17 +53,87 @@ void for_each_chunk(int64_t n_slabs, int64_t rows, const F& fn) {
 // Every r x r product runs as W_ij B_i (not W_ij (I + B_i)) in the operands' own dtype, so the
 // vendor GEMM for that dtype does it (oneDNN's bf16 GEMM with fp32 accumulation, several times
 // faster than converting to fp32 here) and no rounding of I + B_i to a half type loses B_i's low
-// bits; the identity part is added in the fp32 epilogue, which rounds once.
+// bits. Each chunk's product stays in cache while the epilogue adds the identity and B_i terms,
+// so the weight is read once and the result written once: the transform is bandwidth-bound at
+// small token counts, where extra passes over a weight-sized tensor cost more than the GEMM.
 
-// W'_ij = W_ij + (W_ij B_i + B_i): one batched GEMM over the slabs (its K = r is never split,
-// so the result does not depend on the thread count), then two of ATen's vectorized passes.
-// The small terms are summed first, so the weight-sized sum rounds once at the weight's scale.
-void transform_products(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out) {
-  const int64_t r = block.size(1), nb = block.size(0), out_f = weight.size(0), in = weight.size(1);
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  at::Tensor p = at::bmm(weight.view({nb, in, r}), block);
-  p.view({nb, r, in / r, r}).add_(block.unsqueeze(2));
-  at::add_out(out, weight, p.view({out_f, in}));
+// Rows of a slab per transform/weight-gradient task: ~64K elements, cache-sized.
+int64_t product_chunk_rows(int64_t r) { return std::max<int64_t>(1, (int64_t{1} << 16) / r); }
+
+// o = w + (p + b) over `rows` rows of r, with b one r-wide row (or null) shared by all rows.
+template <typename scalar_t>
+void add_rows(const scalar_t* w, const scalar_t* p, const scalar_t* b, scalar_t* o, int64_t rows,
+              int64_t r) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t t = 0; t < rows; ++t, w += r, p += r, o += r) {
+    for (int64_t c = 0; c < r; ++c) {
+      const acc_t small = static_cast<acc_t>(p[c]) + (b ? static_cast<acc_t>(b[c]) : acc_t(0));
+      o[c] = static_cast<scalar_t>(static_cast<acc_t>(w[c]) + small);
+    }
+  }
+}
+
+// bfloat16 on raw bits, so the compiler vectorizes the conversions (c10::BFloat16's own, with
+// its NaN branch, stays scalar); built for AVX-512 and AVX2 with a portable fallback.
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void add_rows_bf16(
+    const uint16_t* w, const uint16_t* p, const uint16_t* b, uint16_t* o, int64_t rows, int64_t r) {
+  for (int64_t t = 0; t < rows; ++t, w += r, p += r, o += r) {
+    for (int64_t c = 0; c < r; ++c) {
+      const float small = bf16_to_float(p[c]) + (b ? bf16_to_float(b[c]) : 0.0f);
+      o[c] = float_to_bf16(bf16_to_float(w[c]) + small);
+    }
+  }
+}
+
+template <>
+void add_rows<c10::BFloat16>(const c10::BFloat16* w, const c10::BFloat16* p,
+                             const c10::BFloat16* b, c10::BFloat16* o, int64_t rows, int64_t r) {
+  static_assert(sizeof(c10::BFloat16) == sizeof(uint16_t), "bfloat16 is 16 bits");
+  add_rows_bf16(reinterpret_cast<const uint16_t*>(w), reinterpret_cast<const uint16_t*>(p),
+                reinterpret_cast<const uint16_t*>(b), reinterpret_cast<uint16_t*>(o), rows, r);
+}
+
+// out3[i] = x3[i] + x3[i] @ m[i] (+ the row of B_i that each row's block row a takes when
+// `block_rows`), chunk by chunk. K = r is never split, so no result depends on the thread count.
+template <typename scalar_t>
+void slab_products(const at::Tensor& x, const at::Tensor& m, const at::Tensor& block_rows,
+                   at::Tensor& out) {
+  const int64_t r = m.size(1), nb = m.size(0), in = x.size(1), per_a = in / r;
+  const int64_t chunk = product_chunk_rows(r), per = (in + chunk - 1) / chunk;
+  const at::Tensor x3 = x.view({nb, in, r});
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* bp = block_rows.defined() ? block_rows.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, nb * per, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // workers do not inherit it
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / per, t0 = (task % per) * chunk, t1 = std::min(in, t0 + chunk);
+      const at::Tensor p = at::mm(x3[i].narrow(0, t0, t1 - t0), m[i]);
+      const scalar_t* pp = p.const_data_ptr<scalar_t>();
+      for (int64_t t = t0; t < t1;) {
+        // Rows of one block row a share B_i's row a.
+        const int64_t a = t / per_a, t_end = bp ? std::min(t1, (a + 1) * per_a) : t1;
+        const int64_t off = (i * in + t) * r;
+        add_rows<scalar_t>(xp + off, pp + (t - t0) * r, bp ? bp + (i * r + a) * r : nullptr,
+                           op + off, t_end - t, r);
+        t = t_end;
+      }
+    }
+  });
 }
 
 template <typename scalar_t>
@@ -102,18 +174,13 @@ void block_grad_kernel(const at::Tensor& grad, const at::Tensor& weight, int64_t
   });
 }
 
-// dL/dW_ij = G_ij + G_ij B_i^T, like the transform.
-void weight_grad_products(const at::Tensor& grad, const at::Tensor& block, at::Tensor& out) {
-  const int64_t r = block.size(1), nb = block.size(0), in = grad.size(1);
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const at::Tensor p = at::bmm(grad.view({nb, in, r}), block.transpose(1, 2));
-  at::add_out(out, grad, p.view_as(grad));
-}
-
 }  // namespace
 
 void bat_transform(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out) {
-  transform_products(weight, block, out);
+  // W'_ij = W_ij + (W_ij B_i + B_i)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
+                                  "miss_ext_bat_transform",
+                                  [&] { slab_products<scalar_t>(weight, block, block, out); });
 }
 
 void bat_block_grad(const at::Tensor& grad, const at::Tensor& weight, int64_t r, at::Tensor& out) {
@@ -123,7 +190,11 @@ void bat_block_grad(const at::Tensor& grad, const at::Tensor& weight, int64_t r,
 }
 
 void bat_weight_grad(const at::Tensor& grad, const at::Tensor& block, at::Tensor& out) {
-  weight_grad_products(grad, block, out);
+  // dL/dW_ij = G_ij + G_ij B_i^T
+  const at::Tensor block_t = block.transpose(1, 2).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                  "miss_ext_bat_weight_grad",
+                                  [&] { slab_products<scalar_t>(grad, block_t, at::Tensor(), out); });
 }
 
 }  // namespace cpu
