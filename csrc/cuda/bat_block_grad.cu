@@ -45,6 +45,30 @@ __device__ __forceinline__ void put(const BGrad<scalar_t, acc_t>& p, int64_t sla
   }
 }
 
+// The work of block b in a tiled launch: output tile (k0, c0) of slab `slab`, summed over the
+// rows [ts, te) of split `split`. Blocks run tiles fastest, then tile rows, splits, slabs.
+struct TileWork {
+  int64_t slab, k0, c0, ts, te;
+  int split;
+};
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ TileWork tile_work(const BGrad<scalar_t, acc_t>& p, int64_t b,
+                                              int64_t tiles, int64_t bm) {
+  TileWork w;
+  const int64_t ct = b % tiles;
+  b /= tiles;
+  const int64_t kt = b % tiles;
+  b /= tiles;
+  w.split = static_cast<int>(b % p.splits);
+  w.slab = b / p.splits;
+  w.k0 = kt * bm;
+  w.c0 = ct * bm;
+  w.ts = w.split * p.chunk;
+  w.te = p.in < w.ts + p.chunk ? p.in : w.ts + p.chunk;
+  return w;
+}
+
 // ---------------------------------------------------------------------------------------
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) bgrad_small_kernel(const BGrad<scalar_t, acc_t> p) {
@@ -87,16 +111,9 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int BM = 16 * TILE, BK = 16;
   __shared__ acc_t as[BK][BM + 1];
   __shared__ acc_t gsm[BK][BM + 1];
-  int64_t b = blockIdx.x;
-  const int64_t ct = b % tiles;
-  b /= tiles;
-  const int64_t kt = b % tiles;
-  b /= tiles;
-  const int split = static_cast<int>(b % p.splits);
-  const int64_t slab = b / p.splits;
-  const int64_t r = p.r, k0 = kt * BM, c0 = ct * BM;
-  const int64_t ts = split * p.chunk;
-  const int64_t te = p.in < ts + p.chunk ? p.in : ts + p.chunk;
+  const TileWork tw = tile_work(p, blockIdx.x, tiles, BM);
+  const int split = tw.split;
+  const int64_t slab = tw.slab, r = p.r, k0 = tw.k0, c0 = tw.c0, ts = tw.ts, te = tw.te;
   const int64_t per_a = p.in / r;
   const scalar_t* gs = p.g + slab * p.in * r;
   const scalar_t* ws = p.w + slab * p.in * r;
@@ -184,16 +201,9 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* sg = reinterpret_cast<scalar_t*>(stage + kTileBytes);
   float* sc = reinterpret_cast<float*>(stage);
 
-  int64_t b = blockIdx.x;
-  const int64_t ct = b % tiles;
-  b /= tiles;
-  const int64_t kt = b % tiles;
-  b /= tiles;
-  const int split = static_cast<int>(b % p.splits);
-  const int64_t slab = b / p.splits;
-  const int64_t r = p.r, k0 = kt * kBM, c0 = ct * kBM;
-  const int64_t ts = split * p.chunk;
-  const int64_t te = p.in < ts + p.chunk ? p.in : ts + p.chunk;
+  const TileWork tw = tile_work(p, blockIdx.x, tiles, kBM);
+  const int split = tw.split;
+  const int64_t slab = tw.slab, r = p.r, k0 = tw.k0, c0 = tw.c0, ts = tw.ts, te = tw.te;
   const int64_t per_a = p.in / r;
   const scalar_t* gsrc = p.g + slab * p.in * r;
   const scalar_t* wsrc = p.w + slab * p.in * r;
