@@ -102,13 +102,16 @@ at::Tensor blocksum_impl(const char* op, const at::Tensor& x, int64_t r, const D
               ": argument 'x' must have at least 1 dimension (features last), got a scalar");
   check_rank(op, "r", r);
   at::Tensor rows = as_rows(x);
-  at::Tensor out = at::empty({rows.size(0), r}, x.options());
+  // Allocated in the final shape and filled through a 2-D view, so the result is not a view
+  // (FSDP and in-place autograd treat views specially).
+  at::Tensor out = at::empty(with_last(x, r), x.options());
+  at::Tensor out_rows = out.view({rows.size(0), r});
   if (rows.size(1) == 0) {
     out.zero_();
   } else if (rows.size(0) > 0) {
-    MISS_EXT_ON_DEVICE(x, blocksum, rows, r, drop, out);
+    MISS_EXT_ON_DEVICE(x, blocksum, rows, r, drop, out_rows);
   }
-  return out.view(with_last(x, r));
+  return out;
 }
 
 at::Tensor tile_impl(const char* op, const at::Tensor& s, int64_t features, const at::Tensor& base,
@@ -123,11 +126,12 @@ at::Tensor tile_impl(const char* op, const at::Tensor& s, int64_t features, cons
   at::Tensor rows = as_rows(s).contiguous();
   at::Tensor base_rows;
   if (base.defined()) base_rows = base.reshape({rows.size(0), features}).contiguous();
-  at::Tensor out = at::empty({rows.size(0), features}, s.options());
+  at::Tensor out = at::empty(with_last(s, features), s.options());
+  at::Tensor out_rows = out.view({rows.size(0), features});
   if (rows.size(0) > 0 && features > 0) {
-    MISS_EXT_ON_DEVICE(s, tile, rows, base_rows, drop, out);
+    MISS_EXT_ON_DEVICE(s, tile, rows, base_rows, drop, out_rows);
   }
-  return out.view(with_last(s, features));
+  return out;
 }
 
 // Shared shape rules of the BAT ops: weight (out, in), block (out/r, r, r).
@@ -320,26 +324,35 @@ std::tuple<at::Tensor, at::Tensor> miss_linear(const at::Tensor& x, const at::Te
               ") must be divisible by block.shape[1] (", m,
               "; out_features for standard MiSS, mini_r for mini)");
   at::Tensor x2 = as_rows(x);
+  const int64_t n = x2.size(0);
   at::Tensor s;
   if (p > 0.0) {
     TORCH_CHECK(seed.has_value(), "miss_ext.", op, ": argument 'seed' is required when p > 0");
-    s = blocksum_impl(op, x2, r, dropout_args(op, p, *seed));
+    s = blocksum_impl(op, x, r, dropout_args(op, p, *seed));
   } else {
-    s = blocksum_impl(op, x2, r, DropoutArgs{});
+    s = blocksum_impl(op, x, r, DropoutArgs{});
   }
+  const at::Tensor s2 = s.view({n, r});
   // The adapter term (and the bias) first, then the frozen GEMM accumulates into it (beta = 1):
-  // no separate pass adds the adapter to the base output.
-  at::Tensor y = m == out_f ? at::mm(s, block) : tile_impl(op, at::mm(s, block), out_f, at::Tensor(), DropoutArgs{});
+  // no separate pass adds the adapter to the base output. y is allocated in its final shape so
+  // the result is not a view.
+  at::Tensor y = at::empty(with_last(x, out_f), x.options());
+  at::Tensor y2 = y.view({n, out_f});
+  if (m == out_f) {
+    at::mm_out(y2, s2, block);
+  } else if (n > 0 && out_f > 0) {
+    MISS_EXT_ON_DEVICE(x, tile, at::mm(s2, block), at::Tensor(), DropoutArgs{}, y2);
+  }
   if (bias.has_value() && bias->defined()) {
     check_float(op, "bias", *bias);
     check_same_device(op, "x", x, "bias", *bias);
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_f, "miss_ext.", op,
                 ": argument 'bias' must have shape (out_features,) = (", out_f, ",) (got ",
                 bias->sizes(), ")");
-    y.add_(bias->to(x.scalar_type()));
+    y2.add_(bias->to(x.scalar_type()));
   }
-  y.addmm_(x2, weight.t());
-  return {y.view(with_last(x, out_f)), s.view(with_last(x, r))};
+  y2.addmm_(x2, weight.t());
+  return {y, s};
 }
 
 at::Tensor miss_merge(const at::Tensor& weight, const at::Tensor& block, double alpha) {
