@@ -158,6 +158,19 @@ int64_t check_bat_shapes(const char* op, const char* weight_name, const at::Tens
   return r;
 }
 
+// The linear layer's optional bias, checked (float, x's device, shape (out_features,)) and cast
+// to x's dtype; nullopt when there is none.
+std::optional<at::Tensor> checked_bias(const char* op, const at::Tensor& x,
+                                       const std::optional<at::Tensor>& bias, int64_t out_f) {
+  if (!bias.has_value() || !bias->defined()) return std::nullopt;
+  check_float(op, "bias", *bias);
+  check_same_device(op, "x", x, "bias", *bias);
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_f, "miss_ext.", op,
+              ": argument 'bias' must have shape (out_features,) = (", out_f, ",) (got ",
+              bias->sizes(), ")");
+  return bias->to(x.scalar_type());
+}
+
 at::ScalarType fp32_or_fp64(const at::Tensor& a, const at::Tensor& b) {
   return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble
                                                                             : at::kFloat;
@@ -257,17 +270,9 @@ at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight,
     check_same_dtype(op, "x", x, "blocks[i]", b);
     check_bat_shapes(op, "weight", weight, b);
   }
+  const std::optional<at::Tensor> b = checked_bias(op, x, bias, weight.size(0));
   at::Tensor w = weight;
-  for (const auto& b : blocks) w = bat_transform(w, b);
-  std::optional<at::Tensor> b;
-  if (bias.has_value() && bias->defined()) {
-    check_float(op, "bias", *bias);
-    check_same_device(op, "x", x, "bias", *bias);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "miss_ext.", op,
-                ": argument 'bias' must have shape (out_features,) = (", weight.size(0),
-                ",) (got ", bias->sizes(), ")");
-    b = bias->to(x.scalar_type());
-  }
+  for (const auto& block : blocks) w = bat_transform(w, block);
   // Through a 2-D view of a result allocated in its final shape, so the output is not a view.
   const at::Tensor x2 = as_rows(x);
   at::Tensor y = at::empty(with_last(x, weight.size(0)), x.options());
@@ -352,14 +357,7 @@ std::tuple<at::Tensor, at::Tensor> miss_linear(const at::Tensor& x, const at::Te
   } else if (n > 0 && out_f > 0) {
     MISS_EXT_ON_DEVICE(x, tile, at::mm(s2, block), at::Tensor(), DropoutArgs{}, y2);
   }
-  if (bias.has_value() && bias->defined()) {
-    check_float(op, "bias", *bias);
-    check_same_device(op, "x", x, "bias", *bias);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_f, "miss_ext.", op,
-                ": argument 'bias' must have shape (out_features,) = (", out_f, ",) (got ",
-                bias->sizes(), ")");
-    y2.add_(bias->to(x.scalar_type()));
-  }
+  if (const auto b = checked_bias(op, x, bias, out_f)) y2.add_(*b);
   y2.addmm_(x2, weight.t());
   return {y, s};
 }
