@@ -72,6 +72,17 @@ def _check_dropout(op, p, seed):
     )
 
 
+def _check_bias(op, bias, out_f):
+    """The optional bias of a linear op (csrc/ops_front.cpp checked_bias)."""
+    if bias is None:
+        return
+    _check_float(op, "bias", bias)
+    torch._check(
+        bias.dim() == 1 and bias.shape[0] == out_f,
+        lambda: f"miss_ext.{op}: argument 'bias' must have shape (out_features,) = ({out_f},) (got {tuple(bias.shape)})",
+    )
+
+
 def _check_bat(op, weight_name, weight, block):
     """The BAT shape rules; returns r."""
     _check_float(op, weight_name, weight)
@@ -183,12 +194,7 @@ def _(x, weight, bias, blocks):
     for b in blocks:
         _same_dtype(op, "x", x, "blocks[i]", b)
         _check_bat(op, "weight", weight, b)
-    if bias is not None:
-        _check_float(op, "bias", bias)
-        torch._check(
-            bias.dim() == 1 and bias.shape[0] == weight.shape[0],
-            lambda: f"miss_ext.{op}: argument 'bias' must have shape (out_features,) = ({weight.shape[0]},) (got {tuple(bias.shape)})",
-        )
+    _check_bias(op, bias, weight.shape[0])
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -216,6 +222,7 @@ def _(x, weight, bias, block, p, seed):
     if p > 0:
         torch._check(seed is not None, lambda: f"miss_ext.{op}: argument 'seed' is required when p > 0")
         _check_dropout(op, p, seed)
+    _check_bias(op, bias, out_f)
     return x.new_empty((*x.shape[:-1], out_f)), x.new_empty((*x.shape[:-1], r))
 
 
@@ -385,7 +392,6 @@ def _bat_linear_setup(ctx, inputs, output):
     x, weight, bias, blocks = inputs
     # Only the inputs are kept: W' is recomputed in backward, so nothing weight-sized is saved
     # beyond the weight itself (SPEC section 3).
-    ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.n_blocks = len(blocks)
     ctx.save_for_backward(x, weight, *blocks)
@@ -455,7 +461,6 @@ torch.library.register_autograd(
 def _miss_linear_setup(ctx, inputs, output):
     x, weight, bias, block, p, seed = inputs
     ctx.p, ctx.in_features = p, x.shape[-1]
-    ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
     # S (N x r) replaces x for the block gradient; x itself is kept only when the base weight
     # trains (its gradient needs x, exactly as a trainable nn.Linear keeps it).
