@@ -32,7 +32,6 @@ from torch import nn
 
 from .inject import find_targets, inject
 from .layer import (
-    add_miss_term,
     additive_output,
     apply_steps,
     bat_output,
