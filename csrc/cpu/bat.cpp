@@ -30,15 +30,13 @@ namespace {
 // never of the thread count, so the summation order is the same on any number of threads.
 int64_t chunk_rows(int64_t n_slabs, int64_t rows) { return n_slabs >= 8 ? rows : 512; }
 
-int64_t chunks_per_slab(int64_t n_slabs, int64_t rows) {
-  const int64_t chunk = chunk_rows(n_slabs, rows);
-  return (rows + chunk - 1) / chunk;
-}
+int64_t chunks_per_slab(int64_t rows, int64_t chunk) { return (rows + chunk - 1) / chunk; }
 
-// Calls fn(task, i, t0, t1) for every block row i and chunk [t0, t1) of the rows of slab i.
+// Calls fn(task, i, t0, t1) for every block row i and chunk [t0, t1) of the rows of slab i,
+// tasks numbered slab-major.
 template <typename F>
-void for_each_chunk(int64_t n_slabs, int64_t rows, const F& fn) {
-  const int64_t per = chunks_per_slab(n_slabs, rows), chunk = chunk_rows(n_slabs, rows);
+void for_each_chunk(int64_t n_slabs, int64_t rows, int64_t chunk, const F& fn) {
+  const int64_t per = chunks_per_slab(rows, chunk);
   at::parallel_for(0, n_slabs * per, 1, [&](int64_t begin, int64_t end) {
     // Worker threads do not inherit the caller's dispatch state: keep the at::mm calls below
     // autograd so they never record a graph on a weight that requires grad.
@@ -114,25 +112,20 @@ template <typename scalar_t>
 void slab_products(const at::Tensor& x, const at::Tensor& m, const at::Tensor& block_rows,
                    at::Tensor& out) {
   const int64_t r = m.size(1), nb = m.size(0), in = x.size(1), per_a = in / r;
-  const int64_t chunk = product_chunk_rows(r), per = (in + chunk - 1) / chunk;
   const at::Tensor x3 = x.view({nb, in, r});
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* bp = block_rows.defined() ? block_rows.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, nb * per, 1, [&](int64_t begin, int64_t end) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // workers do not inherit it
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / per, t0 = (task % per) * chunk, t1 = std::min(in, t0 + chunk);
-      const at::Tensor p = at::mm(x3[i].narrow(0, t0, t1 - t0), m[i]);
-      const scalar_t* pp = p.const_data_ptr<scalar_t>();
-      for (int64_t t = t0; t < t1;) {
-        // Rows of one block row a share B_i's row a.
-        const int64_t a = t / per_a, t_end = bp ? std::min(t1, (a + 1) * per_a) : t1;
-        const int64_t off = (i * in + t) * r;
-        add_rows<scalar_t>(xp + off, pp + (t - t0) * r, bp ? bp + (i * r + a) * r : nullptr,
-                           op + off, t_end - t, r);
-        t = t_end;
-      }
+  for_each_chunk(nb, in, product_chunk_rows(r), [&](int64_t, int64_t i, int64_t t0, int64_t t1) {
+    const at::Tensor p = at::mm(x3[i].narrow(0, t0, t1 - t0), m[i]);
+    const scalar_t* pp = p.const_data_ptr<scalar_t>();
+    for (int64_t t = t0; t < t1;) {
+      // Rows of one block row a share B_i's row a.
+      const int64_t a = t / per_a, t_end = bp ? std::min(t1, (a + 1) * per_a) : t1;
+      const int64_t off = (i * in + t) * r;
+      add_rows<scalar_t>(xp + off, pp + (t - t0) * r, bp ? bp + (i * r + a) * r : nullptr,
+                         op + off, t_end - t, r);
+      t = t_end;
     }
   });
 }
@@ -142,13 +135,13 @@ void block_grad_kernel(const at::Tensor& grad, const at::Tensor& weight, int64_t
                        at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t nb = grad.size(0) / r, in = grad.size(1), per_a = in / r;
-  const int64_t per = chunks_per_slab(nb, in);
+  const int64_t chunk = chunk_rows(nb, in), per = chunks_per_slab(in, chunk);
   const at::Tensor g3 = grad.view({nb, in, r}), w3 = weight.view({nb, in, r});
   const scalar_t* gp = grad.const_data_ptr<scalar_t>();
   // One fp32 r x r partial per chunk, summed below in a fixed order, so the result does not
   // depend on the thread count.
   std::vector<acc_t> partial(static_cast<size_t>(nb * per * r * r));
-  for_each_chunk(nb, in, [&](int64_t task, int64_t i, int64_t t0, int64_t t1) {
+  for_each_chunk(nb, in, chunk, [&](int64_t task, int64_t i, int64_t t0, int64_t t1) {
     const at::Tensor m = at::mm(w3[i].narrow(0, t0, t1 - t0).t(), g3[i].narrow(0, t0, t1 - t0))
                              .contiguous();
     const scalar_t* mp = m.const_data_ptr<scalar_t>();
