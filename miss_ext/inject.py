@@ -11,7 +11,15 @@ from typing import Iterable, Optional, Union
 
 from torch import nn
 
-from .layer import InitWeights, MissLinear, check_adapter_shape, check_dropout, real_weight, variant_of
+from .layer import (
+    InitWeights,
+    MissLinear,
+    check_adapter_shape,
+    check_bat_precision,
+    check_dropout,
+    real_weight,
+    variant_of,
+)
 
 Targets = Union[str, Iterable[str]]
 ALL_LINEAR = "all-linear"
@@ -79,6 +87,7 @@ def inject(
     init_weights: InitWeights = True,
     miss_dropout: float = 0.0,
     adapter_name: str = "default",
+    bat_precision: Optional[str] = None,
 ) -> nn.Module:
     """Adds adapter ``adapter_name`` to every ``nn.Linear`` that ``target_modules`` selects (a
     layer that is already a MissLinear gets the adapter added) and freezes every non-adapter
@@ -87,8 +96,13 @@ def inject(
 
     As in PEFT, the first adapter is active and trainable; an adapter added to a model that
     already has MiSS adapters is added inactive (frozen): switch with :func:`set_adapter`.
+
+    ``bat_precision`` ("base" or "promote", see :class:`~miss_ext.MissLinear`) is set on every
+    targeted layer; ``None`` leaves existing layers as they are and gives new ones "base".
     """
     variant = variant_of(init_weights)
+    if bat_precision is not None:
+        check_bat_precision(bat_precision)
     check_dropout(miss_dropout)
     mini_r_ = 1 if mini_r is None else mini_r
     targets = find_targets(model, target_modules)
@@ -123,9 +137,12 @@ def inject(
         module = model.get_submodule(name)
         if isinstance(module, MissLinear):
             module.update_layer(adapter_name, r, mini_r_, init_weights, miss_dropout)
+            if bat_precision is not None:
+                module.bat_precision = bat_precision
         else:
             parent, child = _split(model, name)
-            layer = MissLinear(module, r, mini_r_, init_weights, miss_dropout, adapter_name)
+            layer = MissLinear(module, r, mini_r_, init_weights, miss_dropout, adapter_name,
+                               bat_precision=bat_precision or "base")
             layer.set_adapter(active)
             setattr(parent, child, layer)
 

@@ -28,9 +28,20 @@ import torch
 from torch import nn
 
 from . import functional as MF
+from ._ops import holds
 
 InitWeights = Union[bool, str]
 VARIANTS = ("standard", "bat", "mini")
+# How BAT computes with blocks wider than the base (fp32 blocks on a bf16 model; docs/MATH.md):
+#   "base"    (default) both GEMMs in the base dtype on W' formed in fp32 and rounded once;
+#   "promote" PEFT's own type promotion: x, W' and both GEMMs in fp32 (exact, slow).
+BAT_PRECISIONS = ("base", "promote")
+
+
+def check_bat_precision(value: str) -> str:
+    if value not in BAT_PRECISIONS:
+        raise ValueError(f"`bat_precision` must be one of {BAT_PRECISIONS} (got {value!r})")
+    return value
 
 
 def variant_of(init_weights: InitWeights) -> str:
@@ -171,9 +182,12 @@ def additive_output(
     """``base_out`` (default ``base_layer(x)``) plus the standard/mini ``terms`` (block, variant,
     dropout p already 0 outside training).
 
-    Without a given ``base_out``, when the base is a plain ``nn.Linear`` in the first block's
-    dtype (and no autocast), that adapter runs fused with the base GEMM (``miss_linear``): same
-    numbers, fewer passes over the activations, only the ``N x r`` block sum kept for backward."""
+    Without a given ``base_out``, when the base is a plain ``nn.Linear`` in x's dtype whose first
+    block has that dtype or a wider one (a float32 block on a bfloat16 layer), and no autocast,
+    that adapter runs fused with the base GEMM (``miss_linear``): same numbers, fewer passes over
+    the activations, only the ``N x r`` block sum kept for backward. ``x`` is cast to a block's
+    dtype only when that dtype cannot hold x's values; a wider block sums x into its own
+    precision directly (the same values as the cast, without the copy)."""
     kwargs = kwargs or {}
     terms = list(terms)
     if base_out is None:
@@ -181,7 +195,8 @@ def additive_output(
             terms
             and autocast_dtype(x) is None
             and plain_linear(base_layer, args, kwargs)
-            and x.dtype == terms[0][0].dtype == base_layer.weight.dtype
+            and x.dtype == base_layer.weight.dtype
+            and holds(x.dtype, terms[0][0].dtype)
         )
         if fusable:
             block, _, p = terms.pop(0)
@@ -189,21 +204,32 @@ def additive_output(
         else:
             base_out = base_layer(x, *args, **kwargs)
     for block, variant, p in terms:
-        base_out = add_miss_term(base_out, cast(x, block.dtype), block, variant, p)
+        xi = x if holds(x.dtype, block.dtype) else cast(x, block.dtype)
+        base_out = add_miss_term(base_out, xi, block, variant, p)
     return base_out
 
 
 def bat_output(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], blocks: Sequence[torch.Tensor]
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    blocks: Sequence[torch.Tensor],
+    precision: str = "base",
 ) -> torch.Tensor:
-    """``x W'^T + b`` for BAT blocks composed in order. As in PEFT the transformed weight has the
-    promoted dtype of the weight and the blocks; under autocast, like any linear layer, it runs
-    in the autocast dtype (the op is not autocast-aware, so the cast is explicit here)."""
-    dtype = weight.dtype
-    for b in blocks:
-        dtype = torch.promote_types(dtype, b.dtype)
-    dtype = autocast_dtype(x) or dtype
-    x, blocks = x.to(dtype), [b.to(dtype) for b in blocks]
+    """``x W'^T + b`` for BAT blocks composed in order, in the compute dtype ``precision`` picks
+    (see BAT_PRECISIONS): "base" runs both GEMMs in the dtype of x and the base weight (bf16 for a
+    bf16 model), with ``W'`` formed in the blocks' precision and rounded once; "promote" is PEFT's
+    own promotion of the weight's and the blocks' dtypes (fp32 GEMMs for fp32 blocks). Under
+    autocast, like any linear layer, it runs in the autocast dtype (the op is not autocast-aware,
+    so the choice is explicit here). Blocks narrower than the compute dtype are cast up."""
+    dtype = autocast_dtype(x)
+    if dtype is None:
+        dtype = torch.promote_types(x.dtype, weight.dtype) if precision == "base" else weight.dtype
+        if precision != "base":
+            for b in blocks:
+                dtype = torch.promote_types(dtype, b.dtype)
+    x = x.to(dtype)
+    blocks = [b if holds(dtype, b.dtype) else b.to(dtype) for b in blocks]
     # The BAT kernels call aten GEMMs internally; a live autocast would recast those and break
     # the kernels' dtype contract, so the op runs with autocast off (the dtype is chosen above).
     with torch.autocast(x.device.type, enabled=False):
@@ -287,6 +313,10 @@ class MissLinear(nn.Module):
         init_weights: ``True`` (standard, zeros), ``False`` (standard, random), ``"bat"``, ``"mini"``.
         miss_dropout: dropout on the adapter branch's input (standard and mini only, as in PEFT).
         adapter_name: name of the first adapter, which is active and trainable.
+        bat_precision: how BAT adapters compute when their blocks are wider than the base (fp32
+            blocks on a bf16/fp16 model): ``"base"`` (default) runs the GEMMs in the base dtype on
+            ``W'`` formed in fp32 and rounded once (fast; the error bound is in docs/MATH.md);
+            ``"promote"`` reproduces PEFT's promotion to fp32 GEMMs exactly (slow).
 
     New blocks take the base weight's device and are fp32 (fp64 on an fp64 base), as with
     PEFT's ``get_peft_model``; ``.to()`` them for other dtypes.
@@ -300,9 +330,11 @@ class MissLinear(nn.Module):
         init_weights: InitWeights = True,
         miss_dropout: float = 0.0,
         adapter_name: str = "default",
+        bat_precision: str = "base",
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = features_of(base_layer)
+        self.bat_precision = check_bat_precision(bat_precision)
         self.base_layer = base_layer
         self.base_layer.requires_grad_(False)
         self.miss_block = nn.ParameterDict()
@@ -498,7 +530,7 @@ class MissLinear(nn.Module):
         base_out = None
         if bat:
             bias = getattr(self.base_layer, "bias", None)
-            base_out = bat_output(x, self.base_weight(), bias, [self.miss_block[n] for n in bat])
+            base_out = bat_output(x, self.base_weight(), bias, [self.miss_block[n] for n in bat], self.bat_precision)
         result = additive_output(self.base_layer, x, terms, args, kwargs, base_out=base_out)
         return result.to(previous_dtype)
 

@@ -35,6 +35,7 @@ from .layer import (
     additive_output,
     apply_steps,
     bat_output,
+    check_bat_precision,
     delta_weight,
     merge_steps,
     unmerge_steps,
@@ -53,6 +54,8 @@ __all__ = [
 
 _METHODS = ("forward", "merge", "unmerge", "get_delta_weight", "get_delta_weight_miss")
 _ORIGINALS: dict[str, Any] = {}
+# The BAT compute mode of patched layers (see miss_ext.layer.BAT_PRECISIONS); set by patch().
+_SETTINGS = {"bat_precision": "base"}
 
 
 def _peft_miss_linear():
@@ -99,7 +102,9 @@ def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
                 )
             # get_base_weight is detached (`.data`), so, as in PEFT, no gradient reaches the base.
             bias = self.get_base_layer().bias
-            base_out = bat_output(x, self.get_base_weight(), bias, [self.miss_block[a] for a in bat])
+            base_out = bat_output(
+                x, self.get_base_weight(), bias, [self.miss_block[a] for a in bat], _SETTINGS["bat_precision"]
+            )
         elif self.quantization_backend is not None:
             base_out = self.quantization_backend.maybe_clone_base_result(self.base_layer(x, *args, **kwargs))
         terms = [(self.miss_block[a], v, _dropout_p(self, a)) for a, v in zip(active, variants) if v != "bat"]
@@ -162,8 +167,14 @@ def is_patched() -> bool:
     return bool(_ORIGINALS)
 
 
-def patch() -> None:
-    """Make every PEFT MiSS layer run on miss_ext (idempotent)."""
+def patch(bat_precision: str = "base") -> None:
+    """Make every PEFT MiSS layer run on miss_ext (idempotent).
+
+    ``bat_precision`` picks how BAT adapters with fp32 blocks compute on a bf16/fp16 model:
+    ``"base"`` (default, fast: GEMMs in the base dtype on ``W'`` formed in fp32 and rounded once)
+    or ``"promote"`` (PEFT's own promotion to fp32 GEMMs, exact and slow); see
+    :class:`miss_ext.MissLinear`. Calling ``patch`` again changes it."""
+    _SETTINGS["bat_precision"] = check_bat_precision(bat_precision)
     if _ORIGINALS:
         return
     cls = _peft_miss_linear()
@@ -175,6 +186,7 @@ def patch() -> None:
 
 def unpatch() -> None:
     """Restore PEFT's own methods (idempotent)."""
+    _SETTINGS["bat_precision"] = "base"
     if not _ORIGINALS:
         return
     cls = _peft_miss_linear()
@@ -184,15 +196,18 @@ def unpatch() -> None:
 
 
 @contextlib.contextmanager
-def patched():
-    """``with miss_ext.peft.patched(): ...``; leaves an outer ``patch()`` in force."""
-    was = is_patched()
-    patch()
+def patched(bat_precision: str = "base"):
+    """``with miss_ext.peft.patched(): ...``; leaves an outer ``patch()`` in force (and restores
+    its ``bat_precision``)."""
+    was, before = is_patched(), _SETTINGS["bat_precision"]
+    patch(bat_precision)
     try:
         yield
     finally:
         if not was:
             unpatch()
+        else:
+            _SETTINGS["bat_precision"] = before
 
 
 # ---------------------------------------------------------------- checkpoints
