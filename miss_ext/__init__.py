@@ -11,7 +11,7 @@ _C = _load_core()
 from . import _ops  # noqa: E402,F401  (fake kernels and autograd of torch.ops.miss_ext)
 from . import functional, reference  # noqa: E402,F401
 from .layer import MissLinear  # noqa: E402
-from .inject import inject, print_trainable_parameters  # noqa: E402
+from .inject import inject, print_trainable_parameters, reset_adapter_parameters, to_injected_state_dict  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -36,6 +36,8 @@ __all__ = [
     "reference",
     "inject",
     "print_trainable_parameters",
+    "reset_adapter_parameters",
+    "to_injected_state_dict",
     "build_info",
     "__version__",
 ]

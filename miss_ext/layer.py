@@ -101,13 +101,27 @@ def check_dropout(p) -> float:
 
 
 def real_weight(base_layer: nn.Module) -> torch.Tensor:
+    """The base layer's 2-D floating-point ``weight``. A meta weight counts: BAT only needs its
+    shape until the model is materialised (merging checks for values itself)."""
     w = getattr(base_layer, "weight", None)
-    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.is_meta or not w.is_floating_point():
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise TypeError(
             f"BAT (init_weights='bat') and merging need the base weight itself, so the base layer "
             f"needs a real 2-D `weight` tensor ({type(base_layer).__name__} has none)"
         )
     return w
+
+
+def check_materialised(weight: torch.Tensor, blocks: Iterable[torch.Tensor]) -> None:
+    """Merging computes with the weight's and blocks' values, which meta tensors do not have;
+    a shape-only merge would leave ``merged_adapters`` claiming a delta that later loaded
+    weights do not contain, so it is refused."""
+    if weight.is_meta or any(b.is_meta for b in blocks):
+        raise RuntimeError(
+            "cannot merge or unmerge MiSS adapters on the meta device: the weights hold no values "
+            "yet. Materialise the model first (model.to_empty(device=...), then load the base "
+            "weights and the adapters or miss_ext.reset_adapter_parameters(model))"
+        )
 
 
 def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
@@ -128,9 +142,19 @@ def new_block(in_f: int, out_f: int, r: int, mini_r, init_weights: InitWeights, 
         shape = (r, mini_r)
     else:
         shape = (r, out_f)
-    block = torch.zeros(shape, dtype=dtype, device=device)
-    if init_weights is False:  # PEFT's random init, for tests
-        nn.init.kaiming_uniform_(block, a=math.sqrt(5))
+    block = torch.empty(shape, dtype=dtype, device=device)
+    init_block_(block, init_weights)
+    return block
+
+
+def init_block_(block: torch.Tensor, init_weights: InitWeights) -> torch.Tensor:
+    """A block's documented init, in place: zeros (the adapter starts as the identity), or
+    PEFT's random kaiming init for ``init_weights=False`` (for tests)."""
+    with torch.no_grad():
+        if init_weights is False:
+            nn.init.kaiming_uniform_(block, a=math.sqrt(5))
+        else:
+            block.zero_()
     return block
 
 
@@ -139,9 +163,18 @@ def new_block(in_f: int, out_f: int, r: int, mini_r, init_weights: InitWeights, 
 
 def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    # Devices without autocast (meta) raise on the query itself; nothing can be autocast there.
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+def autocast_off(device_type: str):
+    """``torch.autocast(device_type, enabled=False)``, or nothing on a device without autocast
+    (meta), where even a disabled autocast context raises."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def add_miss_term(result: torch.Tensor, x: torch.Tensor, block: torch.Tensor, variant: str, dropout_p: float) -> torch.Tensor:
@@ -232,7 +265,7 @@ def bat_output(
     blocks = [b if holds(dtype, b.dtype) else b.to(dtype) for b in blocks]
     # The BAT kernels call aten GEMMs internally; a live autocast would recast those and break
     # the kernels' dtype contract, so the op runs with autocast off (the dtype is chosen above).
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         return MF.bat_linear(x, weight, bias, blocks)
 
 
@@ -269,7 +302,8 @@ def apply_steps(
 ) -> torch.Tensor:
     """The weight after ``steps``, computed out of place in fp32 (fp64 when anything is fp64)
     and rounded once to the weight's dtype (SPEC section 6). Raises before returning, so the
-    caller's weight is untouched on any failure."""
+    caller's weight is untouched on any failure (on a meta model: see check_materialised)."""
+    check_materialised(weight, [blocks[n] for _, n in steps])
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         wide = weight.dtype == torch.float64 or any(blocks[n].dtype == torch.float64 for _, n in steps)
         acc = torch.float64 if wide else torch.float32
@@ -319,7 +353,9 @@ class MissLinear(nn.Module):
             ``"promote"`` reproduces PEFT's promotion to fp32 GEMMs exactly (slow).
 
     New blocks take the base weight's device and are fp32 (fp64 on an fp64 base), as with
-    PEFT's ``get_peft_model``; ``.to()`` them for other dtypes.
+    PEFT's ``get_peft_model``; ``.to()`` them for other dtypes. On a meta base (a model built
+    under ``torch.device("meta")``) the blocks are meta too; after ``to_empty`` call
+    :meth:`reset_parameters` (or load them) since ``to_empty`` leaves them uninitialised.
     """
 
     def __init__(
@@ -342,6 +378,7 @@ class MissLinear(nn.Module):
         self.miss_mini_r: dict[str, int] = {}
         self.miss_dropout_p: dict[str, float] = {}
         self.miss_variant: dict[str, str] = {}
+        self.miss_init_weights: dict[str, InitWeights] = {}
         self.merged_adapters: list[str] = []
         self._active_adapter: list[str] = [adapter_name]
         self._disable_adapters = False
@@ -369,7 +406,7 @@ class MissLinear(nn.Module):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before replacing it")
         w = getattr(self.base_layer, "weight", None)
-        device = w.device if isinstance(w, torch.Tensor) and not w.is_meta else None
+        device = w.device if isinstance(w, torch.Tensor) else None
         block = new_block(
             self.in_features, self.out_features, r, mini_r, init_weights, adapter_dtype(self.base_layer), device
         )
@@ -378,6 +415,7 @@ class MissLinear(nn.Module):
         self.miss_mini_r[adapter_name] = mini_r
         self.miss_dropout_p[adapter_name] = p
         self.miss_variant[adapter_name] = variant
+        self.miss_init_weights[adapter_name] = init_weights
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def add_adapter(
@@ -416,13 +454,34 @@ class MissLinear(nn.Module):
             raise ValueError(
                 f"adapter {adapter_name!r} is merged into the base weight; unmerge() before deleting it"
             )
-        for d in (self.miss_block, self.miss_r, self.miss_mini_r, self.miss_dropout_p, self.miss_variant):
+        for d in (self.miss_block, self.miss_r, self.miss_mini_r, self.miss_dropout_p, self.miss_variant, self.miss_init_weights):
             del d[adapter_name]
         active = [a for a in self._active_adapter if a != adapter_name]
         if not active and adapter_name in self._active_adapter and len(self.miss_block):
             active = [sorted(self.miss_block)[0]]  # PEFT's choice: deterministic across layers
             warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {active[0]}.")
         self.set_adapter(active)
+
+    def reset_parameters(self, adapter_names: Optional[Iterable[str]] = None) -> None:
+        """Re-applies the documented init of ``adapter_names`` (default: every adapter) in place:
+        zeros, or PEFT's random init for ``init_weights=False``. The parameters stay the same
+        objects (FSDP2 shards and optimizers keep them); the base layer is not touched.
+
+        This is the step after ``model.to_empty(device=...)``, which leaves every tensor
+        uninitialised; loops that call ``reset_parameters()`` on each module (as FSDP's meta
+        init does) reach it. Refused while an adapter to reset is merged."""
+        if adapter_names is None:
+            names = list(self.miss_block)
+        else:
+            names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.miss_block]
+        if unknown:
+            raise ValueError(f"cannot reset unknown adapter(s) {unknown} (has {list(self.miss_block)})")
+        merged = [n for n in names if n in self.merged_adapters]
+        if merged:
+            raise ValueError(f"adapter(s) {merged} are merged into the base weight; unmerge() before resetting them")
+        for n in names:
+            init_block_(self.miss_block[n], self.miss_init_weights[n])
 
     @property
     def disable_adapters(self) -> bool:

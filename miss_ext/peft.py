@@ -32,6 +32,7 @@ from torch import nn
 
 from .inject import find_targets, inject
 from .layer import (
+    MissLinear,
     additive_output,
     apply_steps,
     bat_output,
@@ -242,7 +243,12 @@ def _read_adapter_weights(path: str) -> dict:
 def load_peft_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> nn.Module:
     """Injects the adapter saved by PEFT's ``save_pretrained`` in directory ``path`` into the
     plain ``model`` (the one PEFT wrapped) with :func:`miss_ext.inject`, then loads its blocks.
-    Raises, with the model untouched, unless the checkpoint holds exactly one block per target."""
+    Raises, with the model untouched, unless the checkpoint holds exactly one block per target.
+
+    If every target already has adapter ``adapter_name`` (injected before, e.g. on the meta
+    device and then materialised with ``to_empty``) with the checkpoint's shapes, the blocks
+    are loaded into it instead. Loading into meta tensors would keep no values, so a model whose
+    targets are still on the meta device is refused: ``to_empty`` it first."""
     with open(os.path.join(path, "adapter_config.json")) as f:
         cfg = json.load(f)
     if cfg.get("peft_type") != "MISS":
@@ -264,6 +270,21 @@ def load_peft_adapter(model: nn.Module, path: str, adapter_name: str = "default"
             f"checkpoint {path} does not match the model: keys without a target "
             f"{sorted(set(weights) - expected)[:5]}, targets without a block {sorted(expected - set(weights))[:5]}"
         )
+    targets = [model.get_submodule(k.rsplit(".miss_block.", 1)[0]) for k in sorted(expected)]
+    meta = [k for k, t in zip(sorted(expected), targets) if any(p.is_meta for p in t.parameters())]
+    if meta:
+        raise ValueError(
+            f"{meta[0].rsplit('.miss_block.', 1)[0]} is on the meta device, where loaded values would be "
+            f"dropped; materialise the model first (model.to_empty(device=...) and load the base weights)"
+        )
+    present = [isinstance(t, MissLinear) and adapter_name in t.miss_block for t in targets]
+    if all(present):
+        params = dict(model.named_parameters())
+        wrong = [(k, tuple(params[k].shape), tuple(v.shape)) for k, v in weights.items() if params[k].shape != v.shape]
+        if wrong:
+            raise ValueError(f"adapter {adapter_name!r} exists with other shapes than in {path}: (key, model, checkpoint) {wrong[:3]}")
+        model.load_state_dict(weights, strict=False)
+        return model
     inject(
         model,
         cfg["target_modules"],

@@ -1,8 +1,8 @@
 """Bad input, nothing lost (issue #6).
 
 A table of bad calls (integer/bool tensors, mismatched dtypes and devices, wrong ranks, r <= 0,
-r > in_features, BAT/mini shapes that do not divide, meta tensors, a base without `weight` for
-BAT, NaN/Inf in a safe merge, a singular I + B_i in a BAT unmerge, ...). Each must raise an
+r > in_features, BAT/mini shapes that do not divide, meta tensors, merging a meta model, a base
+without `weight` for BAT, NaN/Inf in a safe merge, a singular I + B_i in a BAT unmerge, ...). Each must raise an
 error whose message names the argument and the rule, and afterwards every input tensor, and
 every parameter and buffer of the layer (and its adapter bookkeeping), must be bit-for-bit
 what it was before (NaN payloads included: the comparison is on the raw bytes).
@@ -373,8 +373,11 @@ LAYER_CASES = [
      TypeError, ["BAT", "real 2-D `weight`", "LinearLike"]),
     ("merge-without-weight", lambda: _layer(base=LinearLike()), None, lambda l: l.merge(),
      TypeError, ["real 2-D `weight`", "LinearLike"]),
-    ("bat-meta-weight", lambda: _layer(base=nn.Linear(8, 12, device="meta")), None,
-     lambda l: l.update_layer("b", 4, init_weights="bat"), TypeError, ["real 2-D `weight`"]),
+    # A meta weight is fine for BAT (shapes only), but merging needs values (issue #13).
+    ("merge-meta-weight", lambda: _layer("bat", base=nn.Linear(8, 12, device="meta")), None,
+     lambda l: l.merge(), RuntimeError, ["meta device", "to_empty"]),
+    ("unmerge-meta-weight", _layer, lambda l: (l.merge(), l.to("meta")), lambda l: l.unmerge(),
+     RuntimeError, ["meta device"]),
     ("bat-forward-features", lambda: _layer("bat"), None, lambda l: l(torch.randn(3, 6)),
      RuntimeError, ["'x'", "must end in in_features = 8"]),
     ("merge-unknown", _layer, None, lambda l: l.merge(adapter_names=["nope"]), ValueError, ["unknown adapter", "nope"]),
