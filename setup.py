@@ -183,10 +183,10 @@ def extensions():
     print(f"miss_ext: building against torch {torch.__version__}, "
           f"CUDA={'on (' + archs + ')' if with_cuda else 'off'}, "
           f"OpenMP={'on' if _torch_uses_openmp() else 'off'}", file=sys.stderr)
-    # pip shows these lines, and ninja's "[k/n] <compiler command>" line as each file finishes,
+    # pip shows these lines, and a line per compiled file (ninja: "[k/n] <compiler command>"),
     # only with -v; without it the build is silent until it ends.
     print(f"miss_ext: compiling {len(sources)} files (MAX_JOBS={os.environ.get('MAX_JOBS', 'unset: all cores')}); "
-          f"a [k/{len(sources)}] line follows as each one finishes", file=sys.stderr)
+          "one line per file follows as each one finishes", file=sys.stderr)
     return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
 
 
