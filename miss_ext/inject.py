@@ -11,6 +11,7 @@ from typing import Iterable, Optional, Union
 
 from torch import nn
 
+from ._keys import guard_model
 from .layer import InitWeights, MissLinear, check_adapter_shape, check_dropout, real_weight, variant_of
 
 Targets = Union[str, Iterable[str]]
@@ -132,6 +133,7 @@ def inject(
     for pname, p in model.named_parameters():
         if ".miss_block." not in f".{pname}":
             p.requires_grad_(False)
+    guard_model(model)  # PEFT-format keys given to model.load_state_dict raise, not load nothing
     return model
 
 

@@ -1,7 +1,9 @@
 """``MissLinear``: a frozen linear layer with MiSS adapters on the miss_ext kernels.
 
 Parameter names and shapes follow PEFT's ``MissLinear`` (``base_layer.*``,
-``miss_block.<adapter>``) so PEFT MiSS state dicts load key for key.
+``miss_block.<adapter>``), as in a live PEFT model's ``state_dict()``. PEFT's saved adapter files
+drop the adapter name (``...miss_block``): :func:`miss_ext.load_adapter` loads them, and
+``load_state_dict`` given such keys raises rather than silently loading nothing.
 
 Unlike PEFT, the variant is stored per adapter, so standard, mini and BAT adapters can share
 a layer. With several active adapters the layer computes (SPEC section 5)::
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from . import functional as MF
+from ._keys import reject_peft_keys
 
 InitWeights = Union[bool, str]
 VARIANTS = ("standard", "bat", "mini")
@@ -306,6 +309,7 @@ class MissLinear(nn.Module):
         self.base_layer = base_layer
         self.base_layer.requires_grad_(False)
         self.miss_block = nn.ParameterDict()
+        self.register_load_state_dict_pre_hook(reject_peft_keys)  # PEFT file keys never match
         self.miss_r: dict[str, int] = {}
         self.miss_mini_r: dict[str, int] = {}
         self.miss_dropout_p: dict[str, float] = {}
