@@ -187,7 +187,7 @@ def test_dropout(variant):
 
 def test_mixed_variants_on_one_peft_layer():
     """PEFT stores the variant per layer, so a BAT adapter next to a standard one fails with
-    shape errors; the patch reads each adapter's variant from its block and follows SPEC 5."""
+    shape errors; the patch reads each adapter's variant from its block and follows docs/MATH.md section 5."""
     model = peft_model("standard")
     model.add_adapter("bat", config("bat"))
     randomize(model, "bat")
