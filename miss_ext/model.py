@@ -230,6 +230,8 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
             f"{path}: keys {unknown[:5]} are not MiSS blocks in PEFT's format "
             f"('base_model.model.<module>.miss_block'); nothing was loaded"
         )
+    if not cfg.get("target_modules"):
+        raise ValueError(f"{path}/{CONFIG_NAME} names no target_modules; nothing was loaded")
     targets = find_targets(model, cfg["target_modules"])
     if set(blocks) != set(targets):
         raise ValueError(
