@@ -400,7 +400,7 @@ at::Tensor bat_unmerge(const at::Tensor& weight, const at::Tensor& block) {
   const int64_t r = check_bat_shapes(op, "weight", weight, block);
   const int64_t out_f = weight.size(0), in_f = weight.size(1), nb = out_f / r;
   if (weight.numel() == 0) return weight.clone();
-  // Copy-free layout (SPEC section 3): weight.view(nb, r, in/r, r)[i, a, j, c] = W_ij[a, c],
+  // Copy-free layout (docs/MATH.md section 3): weight.view(nb, r, in/r, r)[i, a, j, c] = W_ij[a, c],
   // and the same memory viewed as (nb, in, r) stacks the rows of every W_ij of block row i.
   const auto acc = fp32_or_fp64(weight, block);
   at::Tensor b = block.to(acc);

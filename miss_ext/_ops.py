@@ -2,7 +2,7 @@
 
 Every backward is built from registered operators only (ours and aten's), so
 torch.compile(fullgraph=True) traces forward and backward without a graph break.
-Formulas: ../shared/SPEC.md sections 1-4 and 6.
+Formulas: docs/MATH.md sections 1-4, 6 and 9.
 """
 
 import torch
@@ -531,7 +531,7 @@ torch.library.register_autograd(
 def _bat_linear_setup(ctx, inputs, output):
     x, weight, bias, blocks = inputs
     # Only the inputs are kept: W' is recomputed in backward, so nothing weight-sized is saved
-    # beyond the weight itself (docs/MATH.md, BAT).
+    # beyond the weight itself (docs/MATH.md section 3).
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.save_for_backward(x, weight, *blocks)
 

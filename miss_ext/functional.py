@@ -2,7 +2,7 @@
 
 Shapes: ``x`` is ``(..., in_features)``; ``base_out`` is the frozen layer's output
 ``(..., out_features)``. Every function is autograd- and torch.compile-friendly (each call is
-a registered operator or an aten op). The math is ../shared/SPEC.md.
+a registered operator or an aten op). The math is docs/MATH.md.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from typing import Iterable, Optional, Union
 
 from torch import nn
 
+from ._keys import guard_model
 from .layer import (
     InitWeights,
     MissLinear,
@@ -153,6 +154,7 @@ def inject(
     for pname, p in model.named_parameters():
         if ".miss_block." not in f".{pname}":
             p.requires_grad_(False)
+    guard_model(model)  # PEFT-format keys given to model.load_state_dict raise, not load nothing
     return model
 
 

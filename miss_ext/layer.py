@@ -1,10 +1,12 @@
 """``MissLinear``: a frozen linear layer with MiSS adapters on the miss_ext kernels.
 
 Parameter names and shapes follow PEFT's ``MissLinear`` (``base_layer.*``,
-``miss_block.<adapter>``) so PEFT MiSS state dicts load key for key.
+``miss_block.<adapter>``), as in a live PEFT model's ``state_dict()``. PEFT's saved adapter files
+drop the adapter name (``...miss_block``): :func:`miss_ext.load_adapter` loads them, and
+``load_state_dict`` given such keys raises rather than silently loading nothing.
 
 Unlike PEFT, the variant is stored per adapter, so standard, mini and BAT adapters can share
-a layer. With several active adapters the layer computes (SPEC section 5)::
+a layer. With several active adapters the layer computes (docs/MATH.md section 5)::
 
     y = x W'^T + b + sum over active standard/mini adapters of their terms
 
@@ -29,6 +31,7 @@ from torch import nn
 
 from . import functional as MF
 from ._ops import holds
+from ._keys import reject_peft_keys
 
 InitWeights = Union[bool, str]
 VARIANTS = ("standard", "bat", "mini")
@@ -74,7 +77,7 @@ def features_of(base_layer: nn.Module) -> tuple[int, int]:
 
 
 def check_adapter_shape(in_f: int, out_f: int, r: int, mini_r, variant: str) -> None:
-    """SPEC section 7: the shape rules PEFT enforces, with messages that name the rule."""
+    """docs/MATH.md section 7: the shape rules PEFT enforces, with messages that name the rule."""
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise ValueError(f"`r` must be a positive integer (got {r!r})")
     if r > in_f:
@@ -301,7 +304,7 @@ def apply_steps(
     weight: torch.Tensor, steps, blocks: dict, check_finite: bool = False
 ) -> torch.Tensor:
     """The weight after ``steps``, computed out of place in fp32 (fp64 when anything is fp64)
-    and rounded once to the weight's dtype (SPEC section 6). Raises before returning, so the
+    and rounded once to the weight's dtype (docs/MATH.md section 6). Raises before returning, so the
     caller's weight is untouched on any failure (on a meta model: see check_materialised)."""
     check_materialised(weight, [blocks[n] for _, n in steps])
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
@@ -374,6 +377,7 @@ class MissLinear(nn.Module):
         self.base_layer = base_layer
         self.base_layer.requires_grad_(False)
         self.miss_block = nn.ParameterDict()
+        self.register_load_state_dict_pre_hook(reject_peft_keys)  # PEFT file keys never match
         self.miss_r: dict[str, int] = {}
         self.miss_mini_r: dict[str, int] = {}
         self.miss_dropout_p: dict[str, float] = {}
@@ -529,7 +533,7 @@ class MissLinear(nn.Module):
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Merges ``adapter_names`` (default: the active ones not yet merged) into the base weight
-        (SPEC section 6). The new weight is computed out of place and copied in only when
+        (docs/MATH.md section 6). The new weight is computed out of place and copied in only when
         every step succeeded, so a failed safe merge leaves the weight bit-for-bit unchanged."""
         if isinstance(adapter_names, str):
             raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")

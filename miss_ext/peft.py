@@ -22,15 +22,12 @@ PEFT is imported only inside these functions: ``import miss_ext.peft`` alone doe
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import warnings
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from .inject import find_targets, inject
 from .layer import (
     MissLinear,
     additive_output,
@@ -231,69 +228,12 @@ def to_miss_ext_state_dict(
     return out
 
 
-def _read_adapter_weights(path: str) -> dict:
-    st = os.path.join(path, "adapter_model.safetensors")
-    if os.path.exists(st):
-        from safetensors.torch import load_file
-
-        return load_file(st)
-    return torch.load(os.path.join(path, "adapter_model.bin"), map_location="cpu", weights_only=True)
-
-
 def load_peft_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> nn.Module:
-    """Injects the adapter saved by PEFT's ``save_pretrained`` in directory ``path`` into the
-    plain ``model`` (the one PEFT wrapped) with :func:`miss_ext.inject`, then loads its blocks.
-    Raises, with the model untouched, unless the checkpoint holds exactly one block per target.
+    """:func:`miss_ext.load_adapter` with ``into_existing=True``: injects the adapter that PEFT's
+    ``save_pretrained`` wrote to ``path`` into ``model`` and loads its blocks, strictly; if every
+    target already has adapter ``adapter_name`` (injected before, e.g. on the meta device and
+    then materialised with ``to_empty``) with the checkpoint's shapes, the blocks are loaded into
+    it instead. A model whose targets are still on the meta device is refused."""
+    from .model import load_adapter
 
-    If every target already has adapter ``adapter_name`` (injected before, e.g. on the meta
-    device and then materialised with ``to_empty``) with the checkpoint's shapes, the blocks
-    are loaded into it instead. Loading into meta tensors would keep no values, so a model whose
-    targets are still on the meta device is refused: ``to_empty`` it first."""
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        cfg = json.load(f)
-    if cfg.get("peft_type") != "MISS":
-        raise ValueError(f"{path} holds a {cfg.get('peft_type')} adapter, not MiSS")
-    unsupported = {
-        k: cfg.get(k)
-        for k in ("exclude_modules", "layers_to_transform", "modules_to_save")
-        if cfg.get(k)
-    }
-    if cfg.get("bias", "none") != "none":
-        unsupported["bias"] = cfg["bias"]
-    if unsupported:
-        raise NotImplementedError(f"load_peft_adapter does not handle these MissConfig options: {unsupported}")
-    weights = to_miss_ext_state_dict(_read_adapter_weights(path), adapter_name)
-    # Check the checkpoint against the targets first, so a mismatch leaves the model untouched.
-    expected = {f"{t}.miss_block.{adapter_name}" for t in find_targets(model, cfg["target_modules"])}
-    if set(weights) != expected:
-        raise ValueError(
-            f"checkpoint {path} does not match the model: keys without a target "
-            f"{sorted(set(weights) - expected)[:5]}, targets without a block {sorted(expected - set(weights))[:5]}"
-        )
-    targets = [model.get_submodule(k.rsplit(".miss_block.", 1)[0]) for k in sorted(expected)]
-    meta = [k for k, t in zip(sorted(expected), targets) if any(p.is_meta for p in t.parameters())]
-    if meta:
-        raise ValueError(
-            f"{meta[0].rsplit('.miss_block.', 1)[0]} is on the meta device, where loaded values would be "
-            f"dropped; materialise the model first (model.to_empty(device=...) and load the base weights)"
-        )
-    present = [isinstance(t, MissLinear) and adapter_name in t.miss_block for t in targets]
-    if all(present):
-        params = dict(model.named_parameters())
-        wrong = [(k, tuple(params[k].shape), tuple(v.shape)) for k, v in weights.items() if params[k].shape != v.shape]
-        if wrong:
-            raise ValueError(f"adapter {adapter_name!r} exists with other shapes than in {path}: (key, model, checkpoint) {wrong[:3]}")
-        model.load_state_dict(weights, strict=False)
-        return model
-    inject(
-        model,
-        cfg["target_modules"],
-        r=cfg["r"],
-        mini_r=cfg.get("mini_r", 1),
-        init_weights=cfg.get("init_weights", True),
-        miss_dropout=cfg.get("miss_dropout", 0.0),
-        adapter_name=adapter_name,
-    )
-    result = model.load_state_dict(weights, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys
-    return model
+    return load_adapter(model, path, adapter_name, into_existing=True)

@@ -484,7 +484,7 @@ def test_nan_inf_propagate_like_reference(variant, in_f, out_f, r, mini_r, p, dt
     assert torch.equal(y.isinf(), yr.isinf()), "Inf positions differ from the reference"
     assert torch.equal(y.isinf() & (y > 0), yr.isinf() & (yr > 0)), "Inf signs differ"
     # Backward: the same non-finite positions in every gradient. Only the positions: the mini
-    # backward sums G over the out/mini_r tiles before multiplying (SPEC section 2), where the
+    # backward sums G over the out/mini_r tiles before multiplying (docs/MATH.md section 2), where the
     # reference multiplies each tile first, and with infinities that reassociation may turn
     # (+inf) + (-inf) = NaN into a single inf or back. Standard and BAT match NaN for NaN.
     g = torch.randn(y.shape, dtype=dtype)

@@ -1,5 +1,5 @@
 // CPU kernels of the BAT weight transform and its two gradients, on the copy-free layout of
-// SPEC section 3: weight.view(out/r, in, r) holds, in slab i, the rows of every block W_ij
+// docs/MATH.md section 3: weight.view(out/r, in, r) holds, in slab i, the rows of every block W_ij
 // (row t = a * (in/r) + j is row a of W_ij). A slab times an r x r matrix is then one GEMM:
 // no permuted copy of the weight is ever made.
 //
