@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import _checks
+
 ops = torch.ops.miss_ext
 
 __all__ = [
@@ -46,6 +48,7 @@ def blocksum(
     Dropout (when ``training`` and ``dropout_p > 0``) is fused: its mask is a function of
     ``seed`` and the element index, regenerated in backward instead of stored.
     """
+    _checks.dropout_p("miss_ext.blocksum", dropout_p)
     if training and dropout_p > 0.0:
         if seed is None:
             seed = dropout_seed()
@@ -70,6 +73,7 @@ def miss_forward(
 
     ``x`` must have ``block``'s dtype. When ``base_out`` has another dtype the sum is promoted
     as PEFT does (cast the result back yourself)."""
+    _checks.additive("miss_ext.miss_forward", x, base_out, block, dropout_p, mini=False)
     r, out_features = block.shape
     s = blocksum(x, r, dropout_p, training, seed)
     lead = base_out.shape[:-1]
@@ -91,13 +95,9 @@ def mini_forward(
     """mini MiSS: ``base_out + tile_out(blocksum_r(dropout(x)) @ block)`` with ``block``
     ``(r, mini_r)``; the ``(r, out)`` repeated block is never materialised, and the backward
     block-sums the output gradient over the ``out / mini_r`` tiles with the same kernel."""
+    _checks.additive("miss_ext.mini_forward", x, base_out, block, dropout_p, mini=True)
     r, m = block.shape
     out_features = base_out.shape[-1]
-    if out_features % m != 0:
-        raise ValueError(
-            f"miss_ext.mini_forward: out_features ({out_features}) must be divisible by "
-            f"mini_r ({m}); choose mini_r dividing out_features"
-        )
     small = blocksum(x, r, dropout_p, training, seed) @ block
     # Decided on `small`, not `block`: under autocast the product may come out in another dtype.
     if base_out.dtype == small.dtype:
@@ -121,6 +121,7 @@ def miss_linear(
     passes: the frozen GEMM accumulates into the adapter term in forward and into the adapter's
     input gradient in backward. Autograd keeps the ``N x r`` block sum, not ``x`` (unless the
     weight trains). ``x``, ``weight`` and ``block`` must share a dtype."""
+    _checks.dropout_p("miss_ext.miss_linear", dropout_p)
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = dropout_seed()
@@ -144,9 +145,8 @@ def bat_linear(
     Backward recomputes ``W'`` instead of saving it: autograd keeps ``x``, the weight and the
     blocks only. ``x`` must have the blocks' dtype; weight and bias may be of another float dtype
     (they are cast, as PEFT computes BAT in the adapter's dtype)."""
-    if isinstance(blocks, torch.Tensor):
-        blocks = [blocks]
-    return ops.bat_linear(x, weight, bias, list(blocks))
+    blocks = _checks.blocks_list("miss_ext.bat_linear", blocks)
+    return ops.bat_linear(x, weight, bias, blocks)
 
 
 def bat_unmerge(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:

@@ -374,7 +374,7 @@ LAYER_CASES = [
     ("bat-meta-weight", lambda: _layer(base=nn.Linear(8, 12, device="meta")), None,
      lambda l: l.update_layer("b", 4, init_weights="bat"), TypeError, ["real 2-D `weight`"]),
     ("bat-forward-features", lambda: _layer("bat"), None, lambda l: l(torch.randn(3, 6)),
-     RuntimeError, ["'x'", "must end in in_features = 8"]),
+     ValueError, ["MissLinear", "'x'", "must end in in_features = 8"]),
     ("merge-unknown", _layer, None, lambda l: l.merge(adapter_names=["nope"]), ValueError, ["unknown adapter", "nope"]),
     ("merge-str", _layer, None, lambda l: l.merge(adapter_names="default"), TypeError, ["adapter_names", "list"]),
     ("delete-unknown", _layer, None, lambda l: l.delete_adapter("nope"), ValueError, ["'nope'"]),
