@@ -95,23 +95,30 @@ def plain_tensor(t) -> bool:
     return type(t) in (torch.Tensor, nn.Parameter)
 
 
+_QUANTIZED_HINT = (
+    "a quantized base keeps packed data there: use the standard or mini variant on it (the base is "
+    "then called as a black box), or PEFT's get_peft_model under miss_ext.peft.patch(), which "
+    "dequantizes through PEFT's quantization backends"
+)
+
+
 def real_weight(base_layer: nn.Module) -> torch.Tensor:
     w = getattr(base_layer, "weight", None)
-    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.is_meta or not w.is_floating_point():
-        raise TypeError(
-            f"BAT (init_weights='bat') and merging need the base weight itself, so the base layer "
-            f"needs a real 2-D `weight` tensor ({type(base_layer).__name__} has none; a quantized base "
-            f"stores packed data: use the standard or mini variant on it, or PEFT with miss_ext.peft.patch(), "
-            f"which dequantizes through PEFT's quantization backends)"
-        )
-    if not plain_tensor(w):
-        raise TypeError(
-            f"BAT (init_weights='bat') and merging need the base weight as a dense tensor, but "
-            f"{type(base_layer).__name__}.weight is a {type(w).__name__} (a quantized tensor subclass); use "
-            f"the standard or mini variant on it, or PEFT with miss_ext.peft.patch(), which dequantizes "
-            f"through PEFT's quantization backends"
-        )
-    return w
+    name = type(base_layer).__name__
+    if not isinstance(w, torch.Tensor):
+        problem = f"{name} has none"
+    elif w.is_meta:
+        problem = f"{name}.weight is on the meta device"
+    elif w.dim() != 2 or not w.is_floating_point():
+        problem = f"{name}.weight is a {w.dtype} tensor of shape {tuple(w.shape)}; {_QUANTIZED_HINT}"
+    elif not plain_tensor(w):
+        problem = f"{name}.weight is a {type(w).__name__}, a tensor subclass; {_QUANTIZED_HINT}"
+    else:
+        return w
+    raise TypeError(
+        f"BAT (init_weights='bat') and merging need the base weight itself, so the base layer needs a "
+        f"real 2-D `weight` tensor ({problem})"
+    )
 
 
 def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
