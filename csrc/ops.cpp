@@ -53,6 +53,10 @@ TORCH_LIBRARY(miss_ext, m) {
   m.def("miss_block_grads(Tensor grad, Tensor s, Tensor block) -> (Tensor, Tensor)");
   // W + alpha * dW with dW[o, k] = block[k % r, o % m] (standard: m = out, mini: m = mini_r).
   m.def("miss_merge(Tensor weight, Tensor block, float alpha) -> Tensor");
+  // Mixed-adapter batches (serving): base + per-row tile_out(s[n] @ blocks[index[n]]), each row
+  // with its own standard (r, out) or mini (r, mini_r) block, index -1 for the base alone; the
+  // product in the blocks' precision, rounded once to base's dtype.
+  m.def("miss_gathered_product(Tensor base, Tensor s, Tensor[] blocks, Tensor index) -> Tensor");
 }
 
 #define MISS_EXT_REGISTER_ALL(m)                     \
@@ -70,7 +74,8 @@ TORCH_LIBRARY(miss_ext, m) {
   m.impl("miss_linear", &miss_ext::miss_linear);     \
   m.impl("miss_add_product", &miss_ext::miss_add_product); \
   m.impl("miss_block_grads", &miss_ext::miss_block_grads); \
-  m.impl("miss_merge", &miss_ext::miss_merge)
+  m.impl("miss_merge", &miss_ext::miss_merge);       \
+  m.impl("miss_gathered_product", &miss_ext::miss_gathered_product)
 
 TORCH_LIBRARY_IMPL(miss_ext, CPU, m) { MISS_EXT_REGISTER_ALL(m); }
 

@@ -34,5 +34,7 @@ at::Tensor miss_add_product(const at::Tensor& base, const at::Tensor& s, const a
 std::tuple<at::Tensor, at::Tensor> miss_block_grads(const at::Tensor& grad, const at::Tensor& s,
                                                     const at::Tensor& block);
 at::Tensor miss_merge(const at::Tensor& weight, const at::Tensor& block, double alpha);
+at::Tensor miss_gathered_product(const at::Tensor& base, const at::Tensor& s,
+                                 at::TensorList blocks, const at::Tensor& index);
 
 }  // namespace miss_ext

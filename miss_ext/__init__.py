@@ -29,6 +29,8 @@ from .model import (  # noqa: E402
     unload,
     unmerge_adapters,
 )
+from .serving import bat_cache_bytes, cache_bat_weights, mixed_batch  # noqa: E402
+from .export import export_lora  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -67,6 +69,10 @@ __all__ = [
     "unload",
     "save_adapter",
     "load_adapter",
+    "mixed_batch",
+    "cache_bat_weights",
+    "bat_cache_bytes",
+    "export_lora",
     "build_info",
     "__version__",
 ]

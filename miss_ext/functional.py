@@ -27,6 +27,7 @@ __all__ = [
     "bat_unmerge",
     "miss_merge",
     "miss_delta_weight",
+    "gathered_forward",
 ]
 
 
@@ -192,3 +193,32 @@ def miss_delta_weight(block: torch.Tensor, out_features: int, in_features: int) 
     """The dense ``dW`` (``out x in``) of a standard or mini block, in ``block``'s dtype."""
     zeros = torch.zeros(out_features, in_features, dtype=block.dtype, device=block.device)
     return miss_merge(zeros, block, 1.0)
+
+
+def gathered_forward(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    blocks: Sequence[torch.Tensor],
+    index: torch.Tensor,
+) -> torch.Tensor:
+    """Mixed-adapter batches (serving): ``base_out`` plus, on each row, the term of its own
+    standard (``(r, out)``) or mini (``(r, mini_r)``) block: ``blocks[index[...]]``, with
+    ``index`` of x's leading shape (int64; ``-1`` leaves the row as ``base_out``). All blocks
+    share ``r`` and a dtype. One block-sum pass over ``x``, then one gathered product
+    (``miss_gathered_product``), the sum rounded once to ``base_out``'s dtype; a row gives what
+    :func:`miss_forward` / :func:`mini_forward` give it with its block alone (no dropout: this
+    is inference). docs/MATH.md section 12."""
+    blocks = _checks.blocks_list("miss_ext.gathered_forward", blocks)
+    if not blocks:
+        raise ValueError("miss_ext.gathered_forward: argument 'blocks' must hold at least one block")
+    for i, b in enumerate(blocks):
+        _checks.additive("miss_ext.gathered_forward", x, base_out, b, 0.0, mini=b.dim() == 2 and b.shape[1] != base_out.shape[-1])
+    bdt = blocks[0].dtype
+    # The product's precision: the blocks', widened to hold base_out's dtype when narrower.
+    cdt = bdt if _ops.holds(base_out.dtype, bdt) else torch.promote_types(base_out.dtype, bdt)
+    xi = x if _ops.holds(x.dtype, cdt) else x.to(cdt)
+    s = ops.blocksum(xi, blocks[0].shape[0], cdt if _ops.holds(xi.dtype, cdt) else None)
+    if s.dtype != cdt:
+        s = s.to(cdt)
+    blocks = [b if b.dtype == cdt else b.to(cdt) for b in blocks]
+    return ops.miss_gathered_product(base_out, s, blocks, index)

@@ -611,7 +611,14 @@ class MissLinear(nn.Module):
 
     # ------------------------------------------------------------ forward
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs) -> torch.Tensor:
+        """``adapter_names`` (inference only): one adapter name per sample (the first dim of
+        ``x``), ``"__base__"`` for the base layer alone; see :mod:`miss_ext.serving`."""
+        if adapter_names is not None:
+            _checks.layer_input("MissLinear", x, self.in_features, self.miss_block.values())
+            from .serving import layer_forward
+
+            return layer_forward(self, x, adapter_names, args, kwargs)
         _checks.layer_input("MissLinear", x, self.in_features, [self.miss_block[n] for n in self._active()])
         previous_dtype = x.dtype
         if self._disable_adapters and self.merged:

@@ -53,6 +53,10 @@ __all__ = [
 
 _METHODS = ("forward", "merge", "unmerge", "get_delta_weight", "get_delta_weight_miss")
 _ORIGINALS: dict[str, Any] = {}
+# MissModel gets the hook PEFT's LoraModel has for ``adapter_names``; PEFT's MissModel has none.
+_HOOKS = "_enable_peft_forward_hooks"
+_ABSENT = object()
+_MODEL_ORIGINALS: dict[str, Any] = {}
 # The BAT compute mode of patched layers (see miss_ext.layer.BAT_PRECISIONS); set by patch().
 _SETTINGS = {"bat_precision": "base"}
 
@@ -61,6 +65,12 @@ def _peft_miss_linear():
     from peft.tuners.miss.layer import MissLinear
 
     return MissLinear
+
+
+def _peft_miss_model():
+    from peft.tuners.miss.model import MissModel
+
+    return MissModel
 
 
 def _variant(layer, name: str) -> str:
@@ -79,6 +89,9 @@ def _dropout_p(layer, name: str) -> float:
 
 
 def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    adapter_names = kwargs.pop("adapter_names", None)
+    if adapter_names is not None:
+        return _mixed_forward(self, x, adapter_names, args, kwargs)
     # PEFT casts x to the adapters' dtype and the result back: an integer x must not get that far.
     blocks = [self.miss_block[a] for a in self.active_adapters if a in self.miss_block]
     _checks.layer_input(f"miss_ext.peft {type(self).__name__}", x, self.in_features, blocks)
@@ -114,6 +127,77 @@ def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             self.base_layer, x, terms, args, kwargs, cast=self._cast_input_dtype, base_out=base_out
         )
     return result.to(previous_dtype)
+
+
+def _mixed_forward(self, x: torch.Tensor, adapter_names, args, kwargs) -> torch.Tensor:
+    """Mixed-adapter batch through a PEFT MiSS layer (miss_ext.serving): each sample with its
+    own adapter, ``"__base__"`` for the base layer alone."""
+    from . import serving
+
+    fn = f"miss_ext.peft {type(self).__name__}"
+    _checks.layer_input(fn, x, self.in_features, self.miss_block.values())
+    names = adapter_names if isinstance(adapter_names, serving.ModelNames) else serving.check_names(fn, adapter_names)
+    serving.check_layer_call(fn, x, names, self.miss_block.keys(), self.merged, self.training)
+    previous_dtype = x.dtype
+    if self.disable_adapters:
+        return self.base_layer(x, *args, **kwargs).to(previous_dtype)
+    present = [a for a in dict.fromkeys(names) if a in self.miss_block]
+    backend = self.quantization_backend
+    if backend is not None and not backend.supports_merge and any(_variant(self, a) == "bat" for a in present):
+        raise ValueError(
+            "Using MiSS with `init_weights='bat'` is not supported because quantization backend "
+            f"{backend.backend_name} does not support dequantization. Use a different "
+            "quantization backend or a different MiSS initialization method."
+        )
+
+    def base(t):
+        out = self.base_layer(t, *args, **kwargs)
+        return out if backend is None else backend.maybe_clone_base_result(out)
+
+    view = serving.LayerView(
+        blocks=self.miss_block,
+        variant=lambda a: _variant(self, a),
+        base=base,
+        weight=self.get_base_weight,
+        bias=self.get_base_layer().bias,
+        bat_precision=_SETTINGS["bat_precision"],
+        cast=self._cast_input_dtype,
+        cache=getattr(self, "_bat_weight_cache", None),
+    )
+    return serving.mixed_forward(view, x, names).to(previous_dtype)
+
+
+@contextlib.contextmanager
+def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+    """What PEFT's MissModel lacks (LoraModel has it): ``adapter_names`` given to
+    ``PeftModel.forward``/``generate`` reaches every MiSS layer through forward pre-hooks, after
+    PEFT's model-level checks (inference only, known adapters, beam search repeats the names;
+    an encoder keeps the unrepeated names)."""
+    from peft.tuners.miss.layer import MissLayer
+
+    from . import serving
+
+    adapter_names = kwargs.pop("adapter_names", None)
+    if adapter_names is None:
+        yield
+        return
+    layers = [m for m in self.modules() if isinstance(m, MissLayer)]
+    known = {a for m in layers for a in m.miss_block}
+    num_beams = kwargs.get("num_beams", None)
+    fn = "PeftModel.forward"
+    names = serving.check_model_names(fn, adapter_names, known, self.training, num_beams)
+    handles = serving.register_hooks(layers, names)
+    get_encoder = getattr(self.model, "get_encoder", None)
+    encoder = get_encoder() if callable(get_encoder) else None
+    if len(names) != len(adapter_names) and encoder is not None and encoder is not self.model:
+        # Registered after the others, so these hooks have the last word on the encoder's layers.
+        original = serving.check_model_names(fn, adapter_names, known, self.training)
+        handles += serving.register_hooks([m for m in encoder.modules() if isinstance(m, MissLayer)], original)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -184,6 +268,9 @@ def patch(bat_precision: str = "base") -> None:
         _ORIGINALS[name] = cls.__dict__[name]
     for name in _METHODS:
         setattr(cls, name, _REPLACEMENTS[name])
+    model_cls = _peft_miss_model()
+    _MODEL_ORIGINALS[_HOOKS] = model_cls.__dict__.get(_HOOKS, _ABSENT)
+    setattr(model_cls, _HOOKS, _enable_peft_forward_hooks)
 
 
 def unpatch() -> None:
@@ -195,6 +282,13 @@ def unpatch() -> None:
     for name, fn in _ORIGINALS.items():
         setattr(cls, name, fn)
     _ORIGINALS.clear()
+    model_cls = _peft_miss_model()
+    for name, fn in _MODEL_ORIGINALS.items():
+        if fn is _ABSENT:
+            delattr(model_cls, name)
+        else:
+            setattr(model_cls, name, fn)
+    _MODEL_ORIGINALS.clear()
 
 
 @contextlib.contextmanager

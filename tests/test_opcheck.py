@@ -52,6 +52,14 @@ def _cases(device):
                               torch.randn(4, 8, **f, requires_grad=True)),
                              (gh, torch.randn(5, 4, **f), torch.randn(4, 8, **f, requires_grad=True))],
         "miss_merge": [(w, torch.randn(4, 8, **f, requires_grad=True), 1.0), (w, torch.randn(3, 2, **f), -1.0)],
+        # Mixed-adapter rows: a standard and a mini block, index -1 for base rows.
+        "miss_gathered_product": [
+            (torch.randn(2, 3, 8, **f, requires_grad=True), torch.randn(2, 3, 4, **f, requires_grad=True),
+             [torch.randn(4, 8, **f, requires_grad=True), torch.randn(4, 2, **f, requires_grad=True)],
+             torch.tensor([[0, 1, -1], [1, 1, 0]], device=device)),
+            (torch.randn(5, 8, **bf), torch.randn(5, 4, **f, requires_grad=True),
+             [torch.randn(4, 8, **f, requires_grad=True)], torch.tensor([0, -1, 0, 0, -1], device=device)),
+        ],
     }
 
 

@@ -63,7 +63,14 @@ struct DropoutArgs {
   /* weight is float64), out % m == 0. out: like weight.                                   */ \
   /* out[o, k] = W[o, k] + alpha * block[k % r, o % m], computed in block's dtype.         */ \
   void miss_merge(const at::Tensor& weight, const at::Tensor& block, double alpha,            \
-                  at::Tensor& out);
+                  at::Tensor& out);                                                           \
+  /* base: (N, out) contiguous, any float dtype; s: (N, r) contiguous float32/float64 that  */ \
+  /* holds base's dtype; blocks: K >= 1 tensors (r, m_k) contiguous in s's dtype, with       */ \
+  /* out % m_k == 0; index: (N,) contiguous int64 on base's device, values in [-1, K). out:  */ \
+  /* like base. out[n, o] = base[n, o] + sum_c s[n, c] blocks[index[n]][c, o % m], in s's    */ \
+  /* precision, rounded once; index -1: out[n] = base[n].                                    */ \
+  void miss_gathered_product(const at::Tensor& base, const at::Tensor& s,                     \
+                             at::TensorList blocks, const at::Tensor& index, at::Tensor& out);
 
 namespace cpu {
 MISS_EXT_DECLARE_KERNELS
