@@ -24,9 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="miss_ext benchmarks: one layer against the frozen nn.Linear (floor) and PEFT's "
         "MissLinear (peer), or end-to-end training of a small Llama (mode 'train').",
     )
-    p.add_argument("mode", nargs="?", default="layer", choices=("layer", "train", "profile"),
+    p.add_argument("mode", nargs="?", default="layer", choices=("layer", "train", "profile", "serve"),
                    help="layer (default): the one-layer suite; train: the training benchmark; profile: "
-                   "per-operator torch.profiler breakdown of the layer cases (floor, peft, ours)")
+                   "per-operator torch.profiler breakdown of the layer cases (floor, peft, ours); serve: "
+                   "mixed-adapter batches (bench/serving_bench.py)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
     p.add_argument("--dtypes", default=None,
                    help="comma list: float32,bfloat16 (layer default: the suite's; train default: float32)")
@@ -176,6 +177,10 @@ def main(argv=None) -> int:
         return run_train(args)
     if args.mode == "profile":
         return run_profile(args)
+    if args.mode == "serve":
+        from .serving_bench import run_serve
+
+        return run_serve(args)
     return run_layer(args)
 
 

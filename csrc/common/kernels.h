@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace miss_ext {
 
@@ -70,7 +71,8 @@ struct DropoutArgs {
   /* like base. out[n, o] = base[n, o] + sum_c s[n, c] blocks[index[n]][c, o % m], in s's    */ \
   /* precision, rounded once; index -1: out[n] = base[n].                                    */ \
   void miss_gathered_product(const at::Tensor& base, const at::Tensor& s,                     \
-                             at::TensorList blocks, const at::Tensor& index, at::Tensor& out);
+                             const std::vector<at::Tensor>& blocks, const at::Tensor& index,  \
+                             at::Tensor& out);
 
 namespace cpu {
 MISS_EXT_DECLARE_KERNELS

@@ -25,7 +25,7 @@ namespace miss_ext {
 namespace cpu {
 namespace {
 
-constexpr int64_t kRows = 64;   // rows per task: one GEMM's M
+constexpr int64_t kRows = 128;  // rows per task: one GEMM's M
 constexpr int64_t kCols = 512;  // output columns per task (standard blocks)
 
 struct Task {
@@ -35,7 +35,7 @@ struct Task {
 };
 
 template <typename out_t, typename acc_t>
-void gathered_kernel(const at::Tensor& base, const at::Tensor& s, at::TensorList blocks,
+void gathered_kernel(const at::Tensor& base, const at::Tensor& s, const std::vector<at::Tensor>& blocks,
                      const at::Tensor& index, at::Tensor& out) {
   const int64_t n = base.size(0), out_f = base.size(1), r = s.size(1);
   const int64_t k_count = static_cast<int64_t>(blocks.size());
@@ -81,12 +81,27 @@ void gathered_kernel(const at::Tensor& base, const at::Tensor& s, at::TensorList
         }
         continue;
       }
-      gathered.resize(len * r);
-      for (int64_t k = 0; k < len; ++k)
-        std::memcpy(gathered.data() + k * r, sp + order[task.begin + k] * r, sizeof(acc_t) * r);
       const at::Tensor& block = blocks[task.group];
       const int64_t m = block.size(1);
-      const at::Tensor sg = at::from_blob(gathered.data(), {len, r}, opts);
+      const int64_t first = order[task.begin];
+      // Rows of one sequence sit together: then s, base and out are plain views of them.
+      const bool run = order[task.end - 1] - first == len - 1;
+      if (run && std::is_same_v<out_t, acc_t> && m == out_f) {
+        // Equal dtypes: one GEMM reads the base rows and writes out (beta = 1).
+        at::Tensor o = out.narrow(0, first, len).narrow(1, task.c0, w);
+        at::addmm_out(o, base.narrow(0, first, len).narrow(1, task.c0, w), s.narrow(0, first, len),
+                      block.narrow(1, task.c0, w));
+        continue;
+      }
+      at::Tensor sg;
+      if (run) {
+        sg = s.narrow(0, first, len);
+      } else {
+        gathered.resize(len * r);
+        for (int64_t k = 0; k < len; ++k)
+          std::memcpy(gathered.data() + k * r, sp + order[task.begin + k] * r, sizeof(acc_t) * r);
+        sg = at::from_blob(gathered.data(), {len, r}, opts);
+      }
       const at::Tensor p = m < out_f ? at::mm(sg, block) : at::mm(sg, block.narrow(1, task.c0, w));
       const acc_t* pp = p.const_data_ptr<acc_t>();
       const int64_t pw = p.size(1);  // m (mini) or w
@@ -112,8 +127,9 @@ void gathered_kernel(const at::Tensor& base, const at::Tensor& s, at::TensorList
 
 }  // namespace
 
-void miss_gathered_product(const at::Tensor& base, const at::Tensor& s, at::TensorList blocks,
-                           const at::Tensor& index, at::Tensor& out) {
+void miss_gathered_product(const at::Tensor& base, const at::Tensor& s,
+                           const std::vector<at::Tensor>& blocks, const at::Tensor& index,
+                           at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(),
                                   "miss_ext_miss_gathered_product", [&] {
     if (s.scalar_type() == at::kDouble) {

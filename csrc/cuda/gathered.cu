@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename out_t, typename acc_t>
-void launch(const at::Tensor& base, const at::Tensor& s, at::TensorList blocks,
+void launch(const at::Tensor& base, const at::Tensor& s, const std::vector<at::Tensor>& blocks,
             const at::Tensor& index, at::Tensor& out) {
   const int64_t rows = base.size(0), out_f = base.size(1), r = s.size(1);
   const int64_t k_count = static_cast<int64_t>(blocks.size());
@@ -115,7 +115,7 @@ void launch(const at::Tensor& base, const at::Tensor& s, at::TensorList blocks,
     }
     gathered_kernel<out_t, acc_t><<<grid_stride_blocks(tiles, 1), kThreads, 0,
                                      at::cuda::getCurrentCUDAStream()>>>(
-        base.data_ptr<out_t>(), s.data_ptr<acc_t>(), index.data_ptr<int64_t>(), table, k0, k1,
+        base.data_ptr<out_t>(), s.data_ptr<acc_t>(), static_cast<const int64_t*>(index.data_ptr()), table, k0, k1,
         k0 == 0, out.data_ptr<out_t>(), rows, out_f, r);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -123,8 +123,9 @@ void launch(const at::Tensor& base, const at::Tensor& s, at::TensorList blocks,
 
 }  // namespace
 
-void miss_gathered_product(const at::Tensor& base, const at::Tensor& s, at::TensorList blocks,
-                           const at::Tensor& index, at::Tensor& out) {
+void miss_gathered_product(const at::Tensor& base, const at::Tensor& s,
+                           const std::vector<at::Tensor>& blocks, const at::Tensor& index,
+                           at::Tensor& out) {
   if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(base.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(),
