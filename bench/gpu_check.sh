@@ -156,6 +156,19 @@ for dtype in DTYPES:
         blk = torch.randn(r, m, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         report(f"miss_merge {dtype} {(out_f, in_f, r, m)}",
                *both(lambda w_, b_: ops.miss_merge(w_, b_, 0.5), w, blk), dtype)
+    # miss_gathered_product (serving): runs of rows per adapter, alternating rows, mini blocks,
+    # r past one staging chunk, more adapters than one launch takes (40), the layer of issue 12.
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for n, out_f, r, k, m in [(37, 300, 40, 3, 12), (19, 64, 7, 4, 16), (80, 32, 4, 40, 0),
+                              (1024, 2048, 64, 8, 0), (256, 4096, 16, 5, 64)]:
+        base = torch.randn(n, out_f, dtype=dtype)
+        s = torch.randn(n, r, dtype=acc)
+        blocks = [torch.randn(r, m if (m and i % 2) else out_f, dtype=acc) for i in range(k)]
+        index = torch.randint(-1, k, (n,))
+        index[: n // 2] = torch.arange(n // 2) * k // max(n // 2, 1)  # runs of rows, as sequences give
+        cpu = ops.miss_gathered_product(base, s, blocks, index)
+        dev = ops.miss_gathered_product(base.cuda(), s.cuda(), [b.cuda() for b in blocks], index.cuda())
+        report(f"miss_gathered_product {dtype} {(n, out_f, r, k, m)}", dev, cpu, dtype)
 
 # The dropout mask itself must match the CPU bit for bit.
 ones = torch.ones(37, 1000, dtype=torch.float64)

@@ -7,6 +7,11 @@ checkpoints into models built with :func:`miss_ext.inject`.
 are both accelerated; everything else (configs, ``get_peft_model``, saving, loading, adapter
 switching) stays PEFT's. ``unpatch()`` restores PEFT's methods; ``patched()`` does both.
 
+The patch also adds what PEFT lacks for MiSS: mixed-adapter batches. ``PeftModel.forward`` and
+``generate`` take ``adapter_names=[...]`` (one adapter per sample, ``"__base__"`` for the base)
+through a ``MissModel._enable_peft_forward_hooks`` like LoraModel's, and each MiSS layer's
+forward takes it (see :mod:`miss_ext.serving`). Unpatched, PEFT drops ``adapter_names`` for MiSS.
+
 What the patched layers keep from PEFT: ``miss_dropout`` (the ``nn.Dropout``'s ``p`` and its
 training flag), ``merged_adapters``, ``_disable_adapters``, ``active_adapters``,
 ``get_base_weight``/``set_base_weight`` (so quantized bases merge through their backend),

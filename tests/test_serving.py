@@ -330,3 +330,28 @@ def test_peft_patched_mixed_batch(tiny):
     from peft.tuners.miss.model import MissModel
 
     assert not hasattr(MissModel, "_enable_peft_forward_hooks")  # unpatch restored PEFT
+
+
+def test_bench_serve_smoke(tmp_path, capsys):
+    """python -m bench serve, smoke shapes: runs, reports the ratios, checks the mixed batch."""
+    import sys
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parents[1])
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
+    from bench import cli
+
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["serve", "--suite", "smoke", "--threads", "1", "--no-progress", "--csv", str(tmp_path / "s.csv")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "mixed/single" in out and (tmp_path / "s.csv").exists()
+    import csv
+
+    row = next(csv.DictReader(open(tmp_path / "s.csv")))
+    assert float(row["max_rel_err"]) < 1e-5
+    for key in ("mixed/single", "mixed/peft", "cpu1_mixed/single", "bat_cached/single"):
+        assert float(row[key]) > 0, key
