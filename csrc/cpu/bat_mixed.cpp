@@ -147,11 +147,17 @@ void io_block_grad_amx(const at::Tensor& grad, const at::Tensor& x, const at::Te
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(weight.const_data_ptr<bf16>());
   float* op = out.mutable_data_ptr<float>();
 
-  // x^T (in x kp): aten's blocked transposing copy, zero-padded to an even K.
+  // x^T (in x kp), zero-padded to an even K; in parallel over column blocks of x.
   at::Tensor xt_t = workspace_empty({in, kp}, at::kBFloat16);
-  xt_t.narrow(1, 0, n).copy_(x.t());
-  if (kp > n) xt_t.narrow(1, n, kp - n).zero_();
-  const uint16_t* xt = reinterpret_cast<const uint16_t*>(xt_t.const_data_ptr<bf16>());
+  uint16_t* xt_w = reinterpret_cast<uint16_t*>(xt_t.mutable_data_ptr<bf16>());
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr<bf16>());
+  at::parallel_for(0, (in + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t c0 = b0 * 64, c1 = std::min(in, b1 * 64);
+    vec::transpose_u16(xp + c0, n, c1 - c0, x.stride(0), xt_w + c0 * kp, kp);
+    if (kp > n)
+      for (int64_t c = c0; c < c1; ++c) xt_w[c * kp + n] = 0;
+  });
+  const uint16_t* xt = xt_w;
   amx::Panels pg(n, out_f);  // G as the B operand: panel p holds output columns [64p, 64p + 64)
   at::parallel_for(0, pg.kp() / 2, 16, [&](int64_t b0, int64_t b1) {
     pg.pack_rows(2 * b0, 2 * b1, [&](int64_t k) { return reinterpret_cast<const bf16*>(gp + k * ldg); });

@@ -47,6 +47,11 @@ void interleave_panels_bf16(const uint16_t* a, const uint16_t* b, int64_t n, int
 void interleave_blocks_bf16(const uint16_t* a, const uint16_t* b, int64_t blocks, int64_t r,
                             int64_t stride, uint16_t* dst);
 
+// dst[c * ldd + t] = src[t * lds + c] for t < rows, c < cols: a transpose of 16-bit values
+// (16 x 16 register tiles on AVX2 machines).
+void transpose_u16(const uint16_t* src, int64_t rows, int64_t cols, int64_t lds, uint16_t* dst,
+                   int64_t ldd);
+
 // dst[k] += src[k] for k < n.
 void add_f32(const float* src, int64_t n, float* dst);
 
