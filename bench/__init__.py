@@ -10,6 +10,7 @@ Run ``python -m bench --help`` from the repository root. Modules, one job each:
 * :mod:`bench.accuracy`    - errors against ``miss_ext.reference`` (in float64) and PEFT;
 * :mod:`bench.layer_bench` - the one-layer suite (rows of numbers);
 * :mod:`bench.train_bench` - end-to-end training of a small Llama with PEFT and miss_ext;
+* :mod:`bench.train_preset` - training presets (``--preset metamathqa``): PEFT, inject, patch, LoRA rows;
 * :mod:`bench.profile`     - per-operator torch.profiler breakdown of a case;
 * :mod:`bench.report`      - aligned text table, CSV and PNG;
 * :mod:`bench.env`         - torch version, device, threads, git commit, date;

@@ -1,4 +1,9 @@
-"""The layer-benchmark suites: which (variant, dtype, shape) cases run, and their defaults."""
+"""The layer-benchmark suites: which (variant, dtype, shape) cases run, and their defaults.
+
+A dtype spec is one dtype (``bfloat16``: base, activations and adapter blocks all in it) or
+``A+B``: base weight, input and output in ``A``, adapter blocks in ``B`` (``bfloat16+float32`` is
+what PEFT's ``get_peft_model`` and ``miss_ext.MissLinear`` build on a bf16 model by default).
+"""
 
 from __future__ import annotations
 
@@ -32,15 +37,49 @@ class Shape:
         return f"{self.tokens}x{self.in_features}x{self.out_features}"
 
 
+def dtype_str(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@dataclass(frozen=True)
+class DtypeSpec:
+    """``base``: the frozen layer's weight, x, the output and the upstream gradient;
+    ``block``: the adapter blocks (the same as ``base`` unless mixed)."""
+
+    base: torch.dtype
+    block: torch.dtype
+
+    @property
+    def mixed(self) -> bool:
+        return self.block != self.base
+
+    @property
+    def name(self) -> str:
+        return f"{dtype_str(self.base)}+{dtype_str(self.block)}" if self.mixed else dtype_str(self.base)
+
+
 @dataclass(frozen=True)
 class Case:
     variant: str
-    dtype: torch.dtype
+    dtype: torch.dtype  # the base dtype: weight, x, output, grad_out
     shape: Shape
+    block_dtype: Optional[torch.dtype] = None  # None: the same as dtype
+
+    @property
+    def block(self) -> torch.dtype:
+        return self.dtype if self.block_dtype is None else self.block_dtype
+
+    @property
+    def spec(self) -> DtypeSpec:
+        return DtypeSpec(self.dtype, self.block)
+
+    @property
+    def mixed(self) -> bool:
+        return self.spec.mixed
 
     @property
     def dtype_name(self) -> str:
-        return str(self.dtype).replace("torch.", "")
+        return self.spec.name
 
     def label(self) -> str:
         return f"{self.variant}/{self.dtype_name}/{self.shape.label()}/r{self.shape.r}"
@@ -63,7 +102,8 @@ class Suite:
     shapes: tuple
     repeats: int
     warmup: int
-    dtypes: tuple = ("float32", "bfloat16")
+    # The configuration users run first (bf16 model, fp32 blocks), then the equal-dtype ones.
+    dtypes: tuple = ("bfloat16+float32", "float32", "bfloat16")
 
 
 def _llm_shapes(tokens: int = 1024) -> tuple:
@@ -91,13 +131,37 @@ def parse_shape(text: str) -> Shape:
     return Shape(*parts)
 
 
+def _one_dtype(name: str, spec: str) -> torch.dtype:
+    key = name.strip().lower()
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {name.strip()!r} in {spec!r}; choose from {sorted(DTYPES)} "
+                         f"or A+B (base/activations in A, adapter blocks in B, e.g. bfloat16+float32)")
+    return DTYPES[key]
+
+
+def parse_dtype_spec(text: str) -> DtypeSpec:
+    """``A`` or ``A+B`` (short names too: ``bf16+fp32``). The blocks must hold every value of the
+    base dtype (a float32 block on a bfloat16 base, not the reverse): a narrower block would
+    round the adapter's input, which no MiSS implementation does on purpose."""
+    parts = text.split("+")
+    if len(parts) > 2 or not all(p.strip() for p in parts):
+        raise ValueError(f"dtype spec {text!r}: want A or A+B (e.g. bfloat16 or bfloat16+float32)")
+    base = _one_dtype(parts[0], text)
+    block = _one_dtype(parts[1], text) if len(parts) == 2 else base
+    if torch.promote_types(base, block) != block:
+        raise ValueError(
+            f"dtype spec {text!r}: the adapter blocks ({dtype_str(block)}) must be at least as wide as the "
+            f"base ({dtype_str(base)}); write base+block, e.g. bfloat16+float32")
+    return DtypeSpec(base, block)
+
+
 def parse_dtypes(names: Iterable[str]) -> list:
+    """Dtype specs, each once, in the order given."""
     out = []
     for n in names:
-        key = n.strip().lower()
-        if key not in DTYPES:
-            raise ValueError(f"unknown dtype {n!r}; choose from {sorted(DTYPES)}")
-        out.append(DTYPES[key])
+        spec = parse_dtype_spec(n)
+        if spec not in out:
+            out.append(spec)
     return out
 
 
@@ -105,11 +169,13 @@ def build_cases(shapes, dtypes, variants) -> tuple[list, list]:
     """All valid cases (shape-major, then dtype, then variant) and the skipped ones with reasons."""
     cases, skipped = [], []
     for shape in shapes:
-        for dtype in dtypes:
+        for spec in dtypes:
+            if isinstance(spec, torch.dtype):
+                spec = DtypeSpec(spec, spec)
             for variant in variants:
                 if variant not in VARIANTS:
                     raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
-                c = Case(variant, dtype, shape)
+                c = Case(variant, spec.base, shape, spec.block if spec.mixed else None)
                 why = c.skip_reason()
                 (skipped if why else cases).append((c, why) if why else c)
     return cases, skipped

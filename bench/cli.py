@@ -10,6 +10,7 @@ import torch
 
 from . import cases as K
 from . import env, report
+from .train_preset import PRESETS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -30,7 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "mixed-adapter batches (bench/serving_bench.py)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
     p.add_argument("--dtypes", default=None,
-                   help="comma list: float32,bfloat16 (layer default: the suite's; train default: float32)")
+                   help="comma list of dtype specs: a dtype (float32, bfloat16, float16; short: fp32, bf16, fp16) "
+                   "or A+B = base weight and activations in A, adapter blocks in B (bfloat16+float32, "
+                   "bf16+fp32: what get_peft_model builds on a bf16 model). Layer default: the suite's "
+                   "(bfloat16+float32,float32,bfloat16); train: plain dtypes only, default float32")
+    p.add_argument("--bat-precision", default="base", choices=("base", "promote"),
+                   help="miss_ext's BAT mode where the blocks are wider than the base (mixed specs; layer and "
+                   "profile modes): base (default; GEMMs in the base dtype on W' formed in fp32, rounded once) "
+                   "or promote (PEFT's fp32 promotion)")
     p.add_argument("--variants", default=",".join(K.VARIANTS), help="comma list of standard,mini,bat")
     p.add_argument("--suite", default="default", choices=sorted(K.SUITES),
                    help="layer shapes: default (1024x2048x2048, r=64), llm (4096/11008, r=16/64/128), "
@@ -48,22 +56,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-png", action="store_true", help="do not draw the chart")
     p.add_argument("--no-check", action="store_true", help="skip the error checks (layer mode)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t = p.add_argument_group("train mode")
-    t.add_argument("--steps", type=int, default=20, help="optimizer steps per run (default 20)")
-    t.add_argument("--train-warmup", type=int, default=3, help="first steps left out of tokens/s (default 3)")
-    t.add_argument("--layers", type=int, default=2)
-    t.add_argument("--hidden", type=int, default=256)
-    t.add_argument("--intermediate", type=int, default=768)
-    t.add_argument("--heads", type=int, default=4)
-    t.add_argument("--vocab", type=int, default=2048)
-    t.add_argument("--seq", type=int, default=128)
-    t.add_argument("--batch", type=int, default=4)
-    t.add_argument("--r", type=int, default=16, help="MiSS r for the training benchmark (default 16)")
-    t.add_argument("--mini-r", type=int, default=16)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--targets", default="qv,all", help="comma list of qv (q_proj,v_proj) and all (every "
-                   "linear but lm_head)")
+    t = p.add_argument_group("train mode (a flag left out takes the preset's value, else the default shown)")
+    t.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="metamathqa: PEFT's MetaMathQA MiSS settings (bf16 Llama, hidden 1024, 512 tokens, fp32 "
+                   "blocks, no autocast, q/v, r = mini_r = 64) with rows for PEFT, miss_ext.inject, "
+                   "miss_ext.peft.patch and PEFT LoRA r=32; the flags below override its sizes")
+    t.add_argument("--autocast", action="store_true",
+                   help="run each step's forward under torch.autocast(bfloat16)")
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 20)")
+    t.add_argument("--train-warmup", type=int, default=None, help="first steps left out of the times (default 3)")
+    t.add_argument("--layers", type=int, default=None, help="(default 2)")
+    t.add_argument("--hidden", type=int, default=None, help="(default 256)")
+    t.add_argument("--intermediate", type=int, default=None, help="(default 768)")
+    t.add_argument("--heads", type=int, default=None, help="(default 4)")
+    t.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: as many as --heads)")
+    t.add_argument("--vocab", type=int, default=None, help="(default 2048)")
+    t.add_argument("--seq", type=int, default=None, help="(default 128)")
+    t.add_argument("--batch", type=int, default=None, help="(default 4)")
+    t.add_argument("--r", type=int, default=None, help="MiSS r (default 16)")
+    t.add_argument("--mini-r", type=int, default=None, help="(default 16)")
+    t.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
+    t.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0.01)")
+    t.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (default: no clipping)")
+    t.add_argument("--targets", default=None, help="comma list of qv (q_proj,v_proj) and all (every "
+                   "linear but lm_head); default qv,all (a preset: its own, qv)")
+    t.add_argument("--no-lora", action="store_true", help="preset: leave out the PEFT LoRA row")
     return p
+
+
+def _dtype_specs(args, default) -> list:
+    try:
+        return K.parse_dtypes(_csv_list(args.dtypes) if args.dtypes else default)
+    except ValueError as e:
+        raise SystemExit(f"--dtypes: {e}") from None
+
+
+def _shapes(args, suite) -> list:
+    try:
+        return [K.parse_shape(s) for s in args.shape] if args.shape else list(suite.shapes)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _check_device(device: str) -> None:
@@ -92,8 +124,8 @@ def run_layer(args) -> int:
     from .layer_bench import run_suite
 
     suite = K.SUITES[args.suite]
-    shapes = [K.parse_shape(s) for s in args.shape] if args.shape else list(suite.shapes)
-    dtypes = K.parse_dtypes(_csv_list(args.dtypes) if args.dtypes else suite.dtypes)
+    shapes = _shapes(args, suite)
+    dtypes = _dtype_specs(args, suite.dtypes)
     cases, skipped = K.build_cases(shapes, dtypes, _csv_list(args.variants))
     on_cuda = torch.device(args.device).type == "cuda"
     # GPU rounds are cheap and event timings of sub-millisecond calls jitter: take more of them.
@@ -103,16 +135,24 @@ def run_layer(args) -> int:
     suite_name = "custom" if args.shape else args.suite
     meta.update(suite=suite_name, clock="cuda-events" if meta["device"].startswith("cuda") else "perf_counter")
     print(f"# miss_ext layer bench: suite={suite_name} device={meta['device_name']} torch={meta['torch']} "
-          f"threads={meta['threads']} commit={meta['git_commit']} repeats={repeats} warmup={warmup}",
+          f"threads={meta['threads']} commit={meta['git_commit']} repeats={repeats} warmup={warmup}"
+          + (f" bat_precision={args.bat_precision}" if any(c.mixed for c in cases) else ""),
           flush=True)
     for c, why in skipped:
         print(f"# skipped {c.label()}: {why}")
     rows = run_suite(cases, args.device, warmup, repeats, check=not args.no_check, seed=args.seed,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, bat_precision=args.bat_precision)
     show_peak = meta["device"].startswith("cuda")
     print(report.layer_table(rows, show_peak=show_peak))
     print("# ratios: median over interleaved rounds of (time / time of the other in the same round); "
           "fl = frozen nn.Linear, flW = linear with weight grad (BAT's floor)")
+    if not args.no_check:
+        print("# err/frozen: ||y - y_float64|| / ||y_frozen - y_frozen_float64||, y_frozen = the frozen "
+              "nn.Linear in the base dtype on the same x; |y|/|yfr| = ||y_float64|| / ||y_frozen_float64|| (rounding "
+              "errors grow with the output); contract for BAT's default mixed mode: "
+              "err/frozen <= 2.5 x max(1, ||W'||/||W||) (w_growth in the CSV)")
+    if any(c.mixed for c in cases):
+        print("# A+B dtype: base weight, x, y and dL/dy in A, adapter blocks in B (for PEFT and miss_ext alike)")
     csv_path, png_path = _outputs(args, "layer", suite_name)
     report.write_csv(csv_path, rows, meta)
     print(f"# csv: {csv_path}")
@@ -125,18 +165,54 @@ def run_layer(args) -> int:
     return 0
 
 
-def run_train(args) -> int:
-    from .train_bench import TrainConfig, run_train_suite
+def train_config(args, preset=None):
+    """TrainConfig from the legacy defaults, then the preset's values, then the flags given."""
+    from .train_bench import TRAIN_DEFAULTS, TrainConfig
 
-    dtypes = K.parse_dtypes(_csv_list(args.dtypes) if args.dtypes else ["float32"])
-    targets = _csv_list(args.targets)
+    values = dict(TRAIN_DEFAULTS)
+    if preset is not None:
+        values.update(preset.config)
+    flags = dict(layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads,
+                 kv_heads=args.kv_heads, vocab=args.vocab, seq=args.seq, batch=args.batch, r=args.r,
+                 mini_r=args.mini_r, lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                 steps=args.steps, warmup=args.train_warmup)
+    values.update({k: v for k, v in flags.items() if v is not None})
+    values.update(seed=args.seed, autocast=args.autocast)
+    if values["steps"] < 1:
+        raise SystemExit("--steps must be at least 1")
+    if values["hidden"] % values["heads"]:
+        raise SystemExit(f"--hidden ({values['hidden']}) must be divisible by --heads ({values['heads']})")
+    kv = values["kv_heads"]
+    if kv is not None and (kv < 1 or values["heads"] % kv):
+        raise SystemExit(f"--kv-heads ({kv}) must divide --heads ({values['heads']})")
+    return TrainConfig(**values)
+
+
+def _train_targets(args, default: str) -> list:
+    targets = _csv_list(args.targets or default)
     for t in targets:
         if t not in ("qv", "all"):
             raise SystemExit(f"--targets: unknown {t!r} (qv, all)")
-    cfg = TrainConfig(layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
-                      heads=args.heads, vocab=args.vocab, seq=args.seq, batch=args.batch, r=args.r,
-                      mini_r=args.mini_r, lr=args.lr, steps=args.steps, warmup=args.train_warmup,
-                      seed=args.seed)
+    return targets
+
+
+def _train_dtypes(args, default: str) -> list:
+    specs = _dtype_specs(args, [default])
+    mixed = [sp.name for sp in specs if sp.mixed]
+    if mixed:
+        raise SystemExit(f"--dtypes {','.join(mixed)}: train mode takes plain dtypes; the adapter blocks are "
+                         f"what get_peft_model makes (float32 on a bfloat16/float16 model)")
+    return [sp.base for sp in specs]
+
+
+def run_train(args) -> int:
+    if args.preset:
+        return run_train_preset(args)
+    from .train_bench import run_train_suite
+
+    dtypes = _train_dtypes(args, "float32")
+    targets = _train_targets(args, "qv,all")
+    cfg = train_config(args)
     meta = env.collect(args.device)
     print(f"# miss_ext train bench: device={meta['device_name']} torch={meta['torch']} "
           f"threads={meta['threads']} commit={meta['git_commit']} {cfg.describe()}", flush=True)
@@ -154,17 +230,53 @@ def run_train(args) -> int:
     return 0 if all(r["loss_ok"] for r in rows) else 1
 
 
+def run_train_preset(args) -> int:
+    from .train_preset import run_preset
+
+    preset = PRESETS[args.preset]
+    dtypes = _train_dtypes(args, preset.dtype)
+    targets = _train_targets(args, preset.targets)
+    cfg = train_config(args, preset)
+    meta = env.collect(args.device)
+    meta.update(preset=preset.name, train_config=cfg.describe())
+    print(f"# miss_ext train bench, preset {preset.name}: {preset.about}; "
+          f"{'forward under torch.autocast(bfloat16)' if cfg.autocast else 'no autocast'}", flush=True)
+    print(f"# device={meta['device_name']} torch={meta['torch']} threads={meta['threads']} "
+          f"commit={meta['git_commit']} peft={meta['peft']} {cfg.describe()}", flush=True)
+    try:
+        rows = run_preset(cfg, preset, dtypes, targets, _csv_list(args.variants), args.device,
+                          lora=not args.no_lora, progress=not args.no_progress)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    show_peak = meta["device"].startswith("cuda")
+    print(report.preset_table(rows, show_peak=show_peak))
+    mem = "peak CUDA memory above the model during a step" if show_peak else \
+        "bytes autograd saves for backward in one step (parameters left out)"
+    print(f"# ms: median step time over steps {cfg.warmup + 1}..{cfg.steps}, all rows' steps interleaved "
+          f"round-robin; /peft, bat/default (BAT / the same implementation's standard MiSS) and /lora: "
+          f"median over steps of the paired ratio (below 1 = faster); memory: {mem}")
+    print("# impl: peft = PEFT's MiSS (get_peft_model defaults: fp32 blocks); inject = miss_ext.inject; "
+          "patch = PEFT's model under miss_ext.peft.patch(); bat = miss_ext's default BAT mode "
+          "(bat_precision='base'), bat-promote = PEFT's fp32 promotion; lora = PEFT LoRA "
+          f"r={preset.lora_r} alpha={preset.lora_alpha}")
+    csv_path, _ = _outputs(args, "train", preset.name)
+    report.write_csv(csv_path, rows, meta)
+    print(f"# csv: {csv_path}")
+    args._rows = rows
+    return 0 if all(r["loss_ok"] for r in rows) else 1
+
+
 def run_profile(args) -> int:
     from .profile import profile_case
 
     suite = K.SUITES[args.suite]
-    shapes = [K.parse_shape(s) for s in args.shape] if args.shape else list(suite.shapes)
-    dtypes = K.parse_dtypes(_csv_list(args.dtypes) if args.dtypes else suite.dtypes)
+    shapes = _shapes(args, suite)
+    dtypes = _dtype_specs(args, suite.dtypes)
     cases, _ = K.build_cases(shapes, dtypes, _csv_list(args.variants))
     iters = args.repeats if args.repeats is not None else 5
     for case in cases:
-        print(profile_case(case, args.device, who=("floor", "peft", "ours"), iters=iters, seed=args.seed),
-              flush=True)
+        print(profile_case(case, args.device, who=("floor", "peft", "ours"), iters=iters, seed=args.seed,
+                           bat_precision=args.bat_precision), flush=True)
     return 0
 
 
@@ -173,6 +285,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     _check_device(args.device)
+    if args.mode != "train" and (args.preset or args.autocast):
+        raise SystemExit("--preset and --autocast belong to the train mode: python -m bench train --preset ...")
     if args.mode == "train":
         return run_train(args)
     if args.mode == "profile":

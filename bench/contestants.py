@@ -5,6 +5,10 @@
 * ``ours``   - ``miss_ext.MissLinear`` around the same linear, same block values;
 * ``floorW`` - (BAT only) a copy of the linear whose weight requires grad: forward + ``dL/dx`` +
   ``dL/dW``, the GEMMs BAT cannot avoid (docs/MATH.md section 8), i.e. BAT's real floor.
+
+x, the upstream gradient and the linear are in the case's base dtype, the block in its block
+dtype (``bfloat16+float32``: an fp32 block on a bf16 layer, for PEFT too, as ``get_peft_model``
+leaves it).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ class LayerSetup:
     x: torch.Tensor  # (N, in), requires grad
     grad_out: torch.Tensor  # (N, out), the upstream gradient fed to backward
     base: nn.Linear  # frozen, shared by floor / peft / ours
-    block: torch.Tensor  # the random non-zero block values (a plain tensor)
+    block: torch.Tensor  # the random non-zero block values (a plain tensor, in the block dtype)
     modules: Dict[str, nn.Module] = field(default_factory=dict)
 
     @property
@@ -56,8 +60,12 @@ def make_setup(case: Case, device, seed: int = 0) -> LayerSetup:
     x = torch.randn(s.tokens, s.in_features, generator=gen).to(device=device, dtype=case.dtype)
     x.requires_grad_(True)
     g = torch.randn(s.tokens, s.out_features, generator=gen).to(device=device, dtype=case.dtype)
-    # Non-zero block; 0.02 keeps W' close to W for BAT and the adapter term O(1) for the others.
-    block = (0.02 * torch.randn(block_shape(case), generator=gen)).to(device=device, dtype=case.dtype)
+    # Non-zero block with entries 0.3x the weight's standard deviation (bound / sqrt(3)): the
+    # standard/mini term is then about 0.3x the frozen output, and BAT's B about 0.3x W (W' ~ W),
+    # a trained adapter's size, the same at every shape (a fixed scale would make the adapter
+    # dominate wide layers and inflate the err/frozen ratios by the output's growth).
+    scale = 0.3 * bound / 3**0.5
+    block = (scale * torch.randn(block_shape(case), generator=gen)).to(device=device, dtype=case.block)
     return LayerSetup(case, x, g, base, block)
 
 
@@ -80,12 +88,12 @@ def make_peft(setup: LayerSetup) -> nn.Module:
     return m.train()
 
 
-def make_ours(setup: LayerSetup) -> nn.Module:
+def make_ours(setup: LayerSetup, bat_precision: str = "base") -> nn.Module:
     import miss_ext
 
     c, s = setup.case, setup.case.shape
     m = miss_ext.MissLinear(setup.base, r=s.r, mini_r=s.mini_r, init_weights=INIT_WEIGHTS[c.variant],
-                            miss_dropout=0.0, adapter_name="default")
+                            miss_dropout=0.0, adapter_name="default", bat_precision=bat_precision)
     setup.base.requires_grad_(False)
     _set_block(m, setup.block)
     return m.train()
@@ -97,10 +105,12 @@ def make_floor_w(setup: LayerSetup) -> nn.Module:
     return lin
 
 
-def build_modules(setup: LayerSetup, with_floor_w: bool | None = None) -> Dict[str, nn.Module]:
+def build_modules(setup: LayerSetup, with_floor_w: bool | None = None,
+                  bat_precision: str = "base") -> Dict[str, nn.Module]:
+    """``bat_precision`` is miss_ext's BAT mode for blocks wider than the base (mixed cases)."""
     if with_floor_w is None:
         with_floor_w = setup.case.variant == "bat"
-    mods = {"floor": setup.base, "peft": make_peft(setup), "ours": make_ours(setup)}
+    mods = {"floor": setup.base, "peft": make_peft(setup), "ours": make_ours(setup, bat_precision)}
     if with_floor_w:
         mods["floorW"] = make_floor_w(setup)
     setup.modules = mods

@@ -10,7 +10,7 @@ from typing import Callable, List, Optional
 import torch
 
 from . import accuracy, contestants as C, costmodel, memory, timing
-from .cases import Case
+from .cases import Case, dtype_str
 
 NAMES = ("floor", "peft", "ours", "floorW")
 
@@ -61,12 +61,16 @@ def timing_fields(samples: dict) -> dict:
 
 
 def run_case(case: Case, device, warmup: int, repeats: int, check: bool = True, seed: int = 0,
-             progress: Optional[Callable[[], None]] = None) -> dict:
+             progress: Optional[Callable[[], None]] = None, bat_precision: str = "base") -> dict:
     setup = C.make_setup(case, device, seed)
-    C.build_modules(setup)
+    C.build_modules(setup, bat_precision=bat_precision)
     s = case.shape
     row = {
-        "variant": case.variant, "dtype": case.dtype_name, "tokens": s.tokens,
+        "variant": case.variant, "dtype": case.dtype_name, "base_dtype": dtype_str(case.dtype),
+        "block_dtype": dtype_str(case.block),
+        # miss_ext's BAT mode matters only where the block is wider than the base
+        "bat_precision": bat_precision if case.variant == "bat" and case.mixed else "",
+        "tokens": s.tokens,
         "in_features": s.in_features, "out_features": s.out_features, "r": s.r,
         "mini_r": s.mini_r if case.variant == "mini" else "", "weight_bytes": setup.weight_bytes,
         "warmup": warmup, "repeats": repeats,
@@ -98,7 +102,7 @@ def _bar(total: int, enabled: bool):
 
 
 def run_suite(cases: List[Case], device="cpu", warmup: int = 2, repeats: int = 10, check: bool = True,
-              seed: int = 0, progress: bool = True, log=None) -> List[dict]:
+              seed: int = 0, progress: bool = True, log=None, bat_precision: str = "base") -> List[dict]:
     rows = []
     bar = _bar(len(cases) * (warmup + repeats), progress)
     try:
@@ -106,7 +110,7 @@ def run_suite(cases: List[Case], device="cpu", warmup: int = 2, repeats: int = 1
             if bar is not None:
                 bar.set_postfix_str(case.label())
             row = run_case(case, device, warmup, repeats, check, seed,
-                           progress=(bar.update if bar is not None else None))
+                           progress=(bar.update if bar is not None else None), bat_precision=bat_precision)
             rows.append(row)
             if log is not None:
                 log(f"done {case.label()}: ours/floor fwd+bwd {row['ours/floor_total']:.3f}, "

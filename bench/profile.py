@@ -14,9 +14,9 @@ from .cases import Case
 
 
 def profile_case(case: Case, device="cpu", who=("floor", "ours"), iters: int = 5, warmup: int = 2,
-                 top: int = 12, seed: int = 0) -> str:
+                 top: int = 12, seed: int = 0, bat_precision: str = "base") -> str:
     setup = C.make_setup(case, device, seed)
-    C.build_modules(setup, with_floor_w=False)
+    C.build_modules(setup, with_floor_w=False, bat_precision=bat_precision)
     runners = {c.name: c for c in C.contestants(setup)}
     acts = [ProfilerActivity.CPU]
     is_cuda = torch.device(device).type == "cuda"

@@ -108,6 +108,9 @@ def layer_columns(show_peak: bool = False) -> List[Column]:
     cols += [
         ("max rel err", "vs ref", lambda r: _num(r.get("err_ref"), ".1e")),
         ("max rel err", "vs peft", lambda r: _num(r.get("err_peft"), ".1e")),
+        ("err/frozen", "ours", lambda r: _num(r.get("err_frozen"), ".2f")),
+        ("err/frozen", "peft", lambda r: _num(r.get("peft_err_frozen"), ".2f")),
+        ("err/frozen", "|y|/|yfr|", lambda r: _num(r.get("y_growth"), ".2f")),
     ]
     return cols
 
@@ -138,6 +141,33 @@ def train_columns(show_peak: bool = False, steps: int | str = "N") -> List[Colum
 def train_table(rows: List[dict], show_peak: bool = False) -> str:
     steps = rows[0]["steps"] if rows else "N"
     return format_table(train_columns(show_peak, steps), rows)
+
+
+def preset_columns(show_peak: bool = False, steps: int | str = "N") -> List[Column]:
+    mem = "peak memory" if show_peak else "saved for bwd"
+    key = "peak_bytes" if show_peak else "saved_bytes"
+    return [
+        ("case", "targets", lambda r: r["targets"]),
+        ("case", "dtype", lambda r: r["dtype"]),
+        ("case", "autocast", lambda r: "bf16" if r["autocast"] else "no"),
+        ("case", "impl", lambda r: r["impl"]),
+        ("case", "variant", lambda r: r["variant"]),
+        ("step (fwd+bwd+AdamW)", "ms", lambda r: _ms(r["step_ms"])),
+        ("step (fwd+bwd+AdamW)", "tokens/s", lambda r: _num(r["tokens_per_s"], ".0f")),
+        ("step (fwd+bwd+AdamW)", "/peft", lambda r: _num(r["vs_peft"], ".2f")),
+        ("step (fwd+bwd+AdamW)", "bat/default", lambda r: _num(r["bat_vs_default"], ".2f")),
+        ("step (fwd+bwd+AdamW)", "/lora", lambda r: _num(r["vs_lora"], ".2f")),
+        (mem, "bytes", lambda r: _bytes(r[key])),
+        (f"loss after {steps} steps", "loss", lambda r: _num(r["loss"], ".6f")),
+        ("loss vs peft (same variant)", "max |diff|", lambda r: _num(r["loss_max_abs_diff"], ".1e")),
+        ("loss vs peft (same variant)", "tol", lambda r: _num(r["loss_tol"], ".1e")),
+        ("loss vs peft (same variant)", "ok", lambda r: "yes" if r["loss_ok"] else "NO"),
+    ]
+
+
+def preset_table(rows: List[dict], show_peak: bool = False) -> str:
+    steps = rows[0]["steps"] if rows else "N"
+    return format_table(preset_columns(show_peak, steps), rows)
 
 
 def write_csv(path, rows: List[dict], meta: dict) -> Path:

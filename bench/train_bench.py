@@ -9,12 +9,13 @@ losses of both after N steps, which must agree closely.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -45,11 +46,22 @@ class TrainConfig:
     warmup: int = 3
     seed: int = 0
     distinct_batches: int = 4  # batches cycled, so the loss visibly falls
+    kv_heads: Optional[int] = None  # None: as many as heads (no grouped-query attention)
+    weight_decay: float = 0.01  # torch's AdamW default
+    grad_clip: Optional[float] = None  # max gradient norm, clipped before each optimizer step
+    autocast: bool = False  # the forward (and loss) under torch.autocast(bfloat16)
 
     def describe(self) -> str:
+        extra = "" if self.kv_heads in (None, self.heads) else f" kv_heads={self.kv_heads}"
+        extra += f" wd={self.weight_decay}" if self.weight_decay != 0.01 else ""
+        extra += f" clip={self.grad_clip}" if self.grad_clip else ""
+        extra += " autocast=bfloat16" if self.autocast else ""
         return (f"llama layers={self.layers} hidden={self.hidden} inter={self.intermediate} "
                 f"heads={self.heads} vocab={self.vocab} seq={self.seq} batch={self.batch} r={self.r} "
-                f"mini_r={self.mini_r} lr={self.lr} steps={self.steps}")
+                f"mini_r={self.mini_r} lr={self.lr} steps={self.steps}{extra}")
+
+
+TRAIN_DEFAULTS = {f: getattr(TrainConfig, f) for f in TrainConfig.__dataclass_fields__}
 
 
 def build_llama(cfg: TrainConfig, dtype, device) -> nn.Module:
@@ -57,7 +69,8 @@ def build_llama(cfg: TrainConfig, dtype, device) -> nn.Module:
 
     conf = LlamaConfig(
         vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads or cfg.heads,
         max_position_embeddings=max(cfg.seq, 128), attention_dropout=0.0, use_cache=False,
     )
     torch.manual_seed(cfg.seed)
@@ -110,14 +123,37 @@ def make_batches(cfg: TrainConfig, device) -> List[torch.Tensor]:
             for _ in range(cfg.distinct_batches)]
 
 
-def _loss(model, ids):
-    return model(input_ids=ids, labels=ids).loss
+def forward_context(cfg: TrainConfig, device):
+    """torch.autocast(bfloat16) around the forward when ``cfg.autocast``, else nothing."""
+    if cfg.autocast:
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
-def saved_bytes(model, ids) -> int:
+def _loss(model, ids, cfg: Optional[TrainConfig] = None):
+    with forward_context(cfg, ids.device) if cfg is not None else contextlib.nullcontext():
+        return model(input_ids=ids, labels=ids).loss
+
+
+def optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_step(model, ids, opt, params, cfg: TrainConfig) -> torch.Tensor:
+    """One step: forward (under autocast if asked), backward, optional clipping, AdamW."""
+    loss = _loss(model, ids, cfg)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def saved_bytes(model, ids, cfg: Optional[TrainConfig] = None) -> int:
     """Bytes autograd keeps for one forward (parameters excluded); no optimizer step."""
     with memory.SavedTensorsMeter([*model.parameters(), *model.buffers(), ids]) as meter:
-        loss = _loss(model, ids)
+        loss = _loss(model, ids, cfg)
     loss.backward()
     model.zero_grad(set_to_none=True)
     return meter.saved_bytes
@@ -130,17 +166,15 @@ def loss_tolerance(dtype) -> float:
 def train_case(cfg: TrainConfig, targets: str, variant: str, dtype, device, bar=None) -> Dict:
     peft_model, ours, names, p_params, o_params = build_pair(cfg, targets, variant, dtype, device)
     models = {"peft": peft_model, "ours": ours}
-    opts = {
-        "peft": torch.optim.AdamW([p_params[n] for n in names], lr=cfg.lr),
-        "ours": torch.optim.AdamW([o_params[n] for n in names], lr=cfg.lr),
-    }
+    params = {"peft": [p_params[n] for n in names], "ours": [o_params[n] for n in names]}
+    opts = {k: optimizer(v, cfg) for k, v in params.items()}
     batches = make_batches(cfg, device)
-    row = {"targets": targets, "variant": variant, "dtype": str(dtype).replace("torch.", ""),
+    row = {"targets": targets, "variant": variant, "dtype": str(dtype).replace("torch.", ""), "autocast": cfg.autocast,
            "adapted_layers": sum(1 for n in names), "trainable_params": sum(p.numel() for p in o_params.values()),
            "steps": cfg.steps, "batch": cfg.batch, "seq": cfg.seq, "r": cfg.r,
            "mini_r": cfg.mini_r if variant == "mini" else ""}
     for k, m in models.items():
-        row[f"{k}_saved_bytes"] = saved_bytes(m, batches[0])
+        row[f"{k}_saved_bytes"] = saved_bytes(m, batches[0], cfg)
     clock = timing.clock_for(device)
     times = {k: [] for k in models}
     losses = {k: [] for k in models}
@@ -152,10 +186,7 @@ def train_case(cfg: TrainConfig, targets: str, variant: str, dtype, device, bar=
                 with memory.cuda_peak(device) as peak:
                     clock.sync()
                     t0 = clock.mark()
-                    loss = _loss(m, ids)
-                    loss.backward()
-                    opts[k].step()
-                    opts[k].zero_grad(set_to_none=True)
+                    loss = train_step(m, ids, opts[k], params[k], cfg)
                     t1 = clock.mark()
                     clock.sync()
                 losses[k].append(float(loss.detach().float().item()))
@@ -176,7 +207,7 @@ def train_case(cfg: TrainConfig, targets: str, variant: str, dtype, device, bar=
     diffs = [abs(a - b) for a, b in zip(losses["peft"], losses["ours"])]
     row["loss_max_abs_diff"] = max(diffs) if diffs else math.nan
     row["loss_ok"] = bool(diffs) and all(math.isfinite(d) for d in diffs) and \
-        max(diffs) <= loss_tolerance(dtype) * max(1.0, abs(losses["peft"][-1]))
+        max(diffs) <= loss_tolerance(torch.bfloat16 if cfg.autocast else dtype) * max(1.0, abs(losses["peft"][-1]))
     return row
 
 

@@ -22,7 +22,7 @@ pytest.importorskip("peft")
 from bench import cli, memory, report, timing  # noqa: E402
 
 VARIANTS = ("standard", "mini", "bat")
-ERR = {"float32": 1e-4, "bfloat16": 3e-2}
+ERR = {"bfloat16+float32": 3e-2, "float32": 1e-4, "bfloat16": 3e-2}
 META = ("torch", "device_name", "threads", "git_commit", "date")
 
 
@@ -48,6 +48,9 @@ def test_layer_smoke_suite(tmp_path, capsys):
     assert got == {(v, d) for v in VARIANTS for d in ERR}
     table_rows = [ln.split()[:2] for ln in text.splitlines() if ln.split()[:1] and ln.split()[0] in VARIANTS]
     assert sorted(map(tuple, table_rows)) == sorted(got)
+    # The configuration users run comes first.
+    assert table_rows[0] == ["standard", "bfloat16+float32"]
+    assert "err/frozen" in text
 
     for r in rows:
         for key in ("peft/floor", "ours/floor", "ours/peft"):
@@ -60,8 +63,16 @@ def test_layer_smoke_suite(tmp_path, capsys):
         tol = ERR[r["dtype"]]
         assert float(r["err_ref"]) < tol, (r["variant"], r["dtype"], r["err_ref"])
         assert float(r["err_peft"]) < tol, (r["variant"], r["dtype"], r["err_peft"])
+        # Errors relative to the frozen layer's own; the adapter is about 0.3x the layer, so the
+        # output (and BAT's weight) grows little. BAT: docs/MATH.md section 11's contract.
+        assert 1.0 < float(r["y_growth"]) < 1.2 and 0 < float(r["peft_err_frozen"]) < math.inf
+        limit = 2.5 * max(1.0, float(r["w_growth"])) if r["variant"] == "bat" else 2.5
+        assert 0 < float(r["err_frozen"]) <= limit, (r["variant"], r["dtype"], r["err_frozen"])
         # docs/MATH.md section 8: nothing weight-sized is kept for backward.
         assert float(r["ours_extra_saved_frac_w"]) < 0.5, (r["variant"], r["dtype"])
+        mixed = "+" in r["dtype"]
+        assert (r["base_dtype"], r["block_dtype"]) == ((
+            "bfloat16", "float32") if mixed else (r["dtype"], r["dtype"]))
         for k in META:
             assert r[k] != "", k
     try:
@@ -101,3 +112,101 @@ def test_paired_ratio_and_table():
     t = report.format_table([("g", "a", lambda r: r["a"]), ("h", "bb", lambda r: r["b"])],
                             [{"a": "x", "b": "1.00"}])
     assert t.splitlines()[-1].split() == ["x", "|", "1.00"]
+
+
+def test_dtype_specs():
+    from bench import cases as K
+
+    bf, f32 = torch.bfloat16, torch.float32
+    assert K.parse_dtypes(["bf16+fp32", "bfloat16+float32", "float32", "fp16+float32", "bf16+bf16"]) == [
+        K.DtypeSpec(bf, f32), K.DtypeSpec(f32, f32), K.DtypeSpec(torch.float16, f32), K.DtypeSpec(bf, bf)]
+    spec = K.parse_dtype_spec("BF16+FP32")
+    assert spec.mixed and spec.name == "bfloat16+float32"
+    assert K.parse_dtype_spec("bf16+bf16").name == "bfloat16"
+    cases, _ = K.build_cases([K.Shape(8, 16, 16, 4, 4)], [spec], ["standard"])
+    assert (cases[0].dtype, cases[0].block, cases[0].dtype_name) == (bf, f32, "bfloat16+float32")
+    for bad, why in (("float32+bfloat16", "at least as wide"), ("bf16+", "A or A\\+B"),
+                     ("bf16+fp32+fp64", "A or A\\+B"), ("bf16+int8", "unknown dtype")):
+        with pytest.raises(ValueError, match=why):
+            K.parse_dtype_spec(bad)
+    with pytest.raises(SystemExit, match="--dtypes"):
+        cli.main(["--dtypes", "float32+float16", "--no-progress"])
+    with pytest.raises(SystemExit, match="plain dtypes"):
+        cli.main(["train", "--dtypes", "bf16+fp32", "--no-progress"])
+    assert K.SUITES["default"].dtypes[0] == "bfloat16+float32"
+
+
+def test_mixed_setup_blocks_are_fp32():
+    """bfloat16+float32: x, dL/dy and the linear in bf16; PEFT's and ours' blocks in fp32."""
+    from bench import cases as K, contestants as C
+
+    case = K.build_cases([K.Shape(8, 32, 16, 8, 8)], K.parse_dtypes(["bf16+fp32"]), ["bat"])[0][0]
+    setup = C.make_setup(case, "cpu")
+    mods = C.build_modules(setup, bat_precision="promote")
+    assert setup.x.dtype == setup.grad_out.dtype == setup.base.weight.dtype == torch.bfloat16
+    assert mods["peft"].miss_block["default"].dtype == mods["ours"].miss_block["default"].dtype == torch.float32
+    assert mods["ours"].bat_precision == "promote"
+
+
+TINY = ["--layers", "1", "--hidden", "64", "--intermediate", "128", "--heads", "2", "--vocab", "128",
+        "--seq", "16", "--r", "16", "--mini-r", "16", "--train-warmup", "1", "--no-progress"]
+
+
+def test_preset_config_and_rows():
+    from bench.train_preset import PRESETS, entries
+
+    args = cli.build_parser().parse_args(["train", "--preset", "metamathqa", "--hidden", "64", "--heads", "2"])
+    cfg = cli.train_config(args, PRESETS["metamathqa"])
+    # The preset's values, with the flags given on top.
+    assert (cfg.hidden, cfg.heads, cfg.intermediate, cfg.seq, cfg.batch, cfg.r, cfg.mini_r) == (64, 2, 2816, 512, 1, 64, 64)
+    assert (cfg.lr, cfg.weight_decay, cfg.grad_clip, cfg.autocast) == (1e-4, 0.1, 1.0, False)
+    assert cli.train_config(cli.build_parser().parse_args(["train"])).hidden == 256  # the legacy default
+    keys = [e.key for e in entries()]
+    assert keys == ["peft/standard", "peft/mini", "peft/bat",
+                    "inject/standard", "inject/mini", "inject/bat", "inject/bat-promote",
+                    "patch/standard", "patch/mini", "patch/bat", "patch/bat-promote", "peft/lora"]
+    assert [e.key for e in entries(["bat"], lora=False)] == ["peft/bat", "inject/bat", "inject/bat-promote",
+                                                            "patch/bat", "patch/bat-promote"]
+    with pytest.raises(SystemExit, match="train mode"):
+        cli.main(["--preset", "metamathqa", "--no-progress"])
+    with pytest.raises(SystemExit, match="divisible by --heads"):
+        cli.main(["train", "--preset", "metamathqa", "--heads", "3", "--no-progress"])
+
+
+def test_preset_tiny_run(tmp_path, capsys):
+    import miss_ext.peft as mp
+
+    out_csv = tmp_path / "preset.csv"
+    rc = cli.main(["train", "--preset", "metamathqa", *TINY, "--steps", "3", "--csv", str(out_csv)])
+    assert rc == 0
+    assert not mp.is_patched()  # the patch was on for the patch rows' steps only
+    text = capsys.readouterr().out
+    assert "bat/default" in text and "loss after 3 steps" in text
+    with open(out_csv) as f:
+        rows = {(r["impl"], r["variant"]): r for r in csv.DictReader(f)}
+    assert len(rows) == 12
+    for (impl, variant), r in rows.items():
+        assert r["dtype"] == "bfloat16" and r["autocast"] == "False" and r["preset"] == "metamathqa"
+        assert r["block_dtype"] == "float32"  # get_peft_model's default, and inject's
+        assert float(r["step_ms"]) > 0 and float(r["tokens_per_s"]) > 0 and float(r["saved_bytes"]) > 0
+        assert r["loss_ok"] == "True", r
+        finite = lambda k: math.isfinite(float(r[k]))  # noqa: E731
+        assert finite("vs_peft") == (impl != "peft"), (impl, variant)
+        assert finite("bat_vs_default") == variant.startswith("bat"), (impl, variant)
+        assert finite("vs_lora") == (variant != "lora"), (impl, variant)
+        assert finite("loss_max_abs_diff") == (impl != "peft")
+    # Same initial weights and batches: every MiSS row starts from the identity adapter.
+    assert len({r["first_loss"] for r in rows.values()}) == 1
+    # PEFT's numbers, where the implementation computes them.
+    for impl in ("inject", "patch"):
+        for v in ("standard", "mini", "bat-promote"):
+            assert float(rows[(impl, v)]["loss_max_abs_diff"]) < 1e-3, (impl, v)
+
+
+def test_preset_autocast_flag(tmp_path):
+    args = ["train", "--preset", "metamathqa", *TINY, "--steps", "2", "--autocast", "--variants", "standard,bat",
+            "--no-lora", "--csv", str(tmp_path / "a.csv")]
+    assert cli.main(args) == 0
+    with open(tmp_path / "a.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and all(r["autocast"] == "True" and r["loss_ok"] == "True" for r in rows)

@@ -1,6 +1,11 @@
 #include "cpu/vec.h"
 
+#include <algorithm>
 #include <cstring>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #define MISS_EXT_MULTIVERSION \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -58,8 +63,11 @@ MISS_EXT_MULTIVERSION void transform_rows_bf16(const uint16_t* w, const float* p
   }
 }
 
-MISS_EXT_MULTIVERSION void split_bf16(const float* f, int64_t n, int pieces, uint16_t* p1,
-                                      uint16_t* p2, uint16_t* p3) {
+namespace {
+
+// One row of split_bf16, inlined into each multiversioned caller (and vectorized for its target).
+inline void split_run(const float* f, int64_t n, int pieces, uint16_t* p1, uint16_t* p2,
+                      uint16_t* p3) {
   if (pieces == 2) {
     for (int64_t k = 0; k < n; ++k) {
       const uint16_t h = to_bf16(f[k]);
@@ -78,6 +86,21 @@ MISS_EXT_MULTIVERSION void split_bf16(const float* f, int64_t n, int pieces, uin
   }
 }
 
+}  // namespace
+
+MISS_EXT_MULTIVERSION void split_bf16(const float* f, int64_t n, int pieces, uint16_t* p1,
+                                      uint16_t* p2, uint16_t* p3) {
+  split_run(f, n, pieces, p1, p2, p3);
+}
+
+MISS_EXT_MULTIVERSION void split_bf16_rows(const float* f, int64_t rows, int64_t cols, int64_t ldf,
+                                           int pieces, uint16_t* p1, uint16_t* p2, uint16_t* p3,
+                                           int64_t ldp) {
+  for (int64_t t = 0; t < rows; ++t) {
+    split_run(f + t * ldf, cols, pieces, p1 + t * ldp, p2 + t * ldp, p3 ? p3 + t * ldp : nullptr);
+  }
+}
+
 MISS_EXT_MULTIVERSION void interleave_bf16(const uint16_t* a, const uint16_t* b, int64_t n,
                                            uint16_t* dst) {
   if (b) {
@@ -89,6 +112,100 @@ MISS_EXT_MULTIVERSION void interleave_bf16(const uint16_t* a, const uint16_t* b,
     for (int64_t k = 0; k < n; ++k) {
       dst[2 * k] = a[k];
       dst[2 * k + 1] = 0;
+    }
+  }
+}
+
+MISS_EXT_MULTIVERSION void interleave_panels_bf16(const uint16_t* a, const uint16_t* b, int64_t n,
+                                                  int64_t panel, int64_t kp, int64_t k,
+                                                  uint16_t* dst) {
+  for (int64_t s = 0; s < n; s += panel) {
+    const int64_t w = n - s < panel ? n - s : panel;
+    uint16_t* d = dst + kp * s + (k / 2) * 2 * w;
+    for (int64_t j = 0; j < w; ++j) {
+      d[2 * j] = a ? a[s + j] : 0;
+      d[2 * j + 1] = b ? b[s + j] : 0;
+    }
+  }
+}
+
+MISS_EXT_MULTIVERSION void interleave_blocks_bf16(const uint16_t* a, const uint16_t* b, int64_t blocks,
+                                                  int64_t r, int64_t stride, uint16_t* dst) {
+  for (int64_t j = 0; j < blocks; ++j) {
+    const uint16_t* x = a + j * r;
+    const uint16_t* y = b + j * r;
+    uint16_t* d = dst + j * stride;
+    for (int64_t c = 0; c < r; ++c) {
+      d[2 * c] = x[c];
+      d[2 * c + 1] = y[c];
+    }
+  }
+}
+
+namespace {
+
+void transpose_tile_scalar(const uint16_t* src, int64_t rows, int64_t cols, int64_t lds,
+                           uint16_t* dst, int64_t ldd) {
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + t] = src[t * lds + c];
+}
+
+#if defined(__x86_64__)
+// A full 16 x 16 tile: 16-, 32- and 64-bit interleaves transpose each 128-bit lane's 8 x 8
+// blocks, then a lane permute joins the halves of every output row.
+__attribute__((target("avx2"))) void transpose_tile16_avx2(const uint16_t* src, int64_t lds,
+                                                            uint16_t* dst, int64_t ldd) {
+  __m256i r[16], u[16], v[16], w[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * lds));
+  for (int k = 0; k < 8; ++k) {
+    u[2 * k] = _mm256_unpacklo_epi16(r[2 * k], r[2 * k + 1]);
+    u[2 * k + 1] = _mm256_unpackhi_epi16(r[2 * k], r[2 * k + 1]);
+  }
+  for (int m = 0; m < 4; ++m) {
+    v[4 * m + 0] = _mm256_unpacklo_epi32(u[4 * m], u[4 * m + 2]);
+    v[4 * m + 1] = _mm256_unpackhi_epi32(u[4 * m], u[4 * m + 2]);
+    v[4 * m + 2] = _mm256_unpacklo_epi32(u[4 * m + 1], u[4 * m + 3]);
+    v[4 * m + 3] = _mm256_unpackhi_epi32(u[4 * m + 1], u[4 * m + 3]);
+  }
+  // w[g * 8 + c']: rows 8g..8g+7 of column c' (low lane) and c' + 8 (high lane).
+  for (int g = 0; g < 2; ++g) {
+    for (int k = 0; k < 4; ++k) {
+      w[g * 8 + 2 * k] = _mm256_unpacklo_epi64(v[8 * g + k], v[8 * g + 4 + k]);
+      w[g * 8 + 2 * k + 1] = _mm256_unpackhi_epi64(v[8 * g + k], v[8 * g + 4 + k]);
+    }
+  }
+  for (int c = 0; c < 8; ++c) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c * ldd), _mm256_permute2x128_si256(w[c], w[8 + c], 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (c + 8) * ldd), _mm256_permute2x128_si256(w[c], w[8 + c], 0x31));
+  }
+}
+#endif
+
+}  // namespace
+
+void transpose_u16(const uint16_t* src, int64_t rows, int64_t cols, int64_t lds, uint16_t* dst,
+                   int64_t ldd) {
+#if defined(__x86_64__)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+#else
+  constexpr bool avx2 = false;
+#endif
+  // 64 x 64 blocks of 16 x 16 tiles keep both sides in L1.
+  for (int64_t t0 = 0; t0 < rows; t0 += 64) {
+    for (int64_t c0 = 0; c0 < cols; c0 += 64) {
+      const int64_t t1 = std::min(rows, t0 + 64), c1 = std::min(cols, c0 + 64);
+      for (int64_t t = t0; t < t1; t += 16) {
+        for (int64_t c = c0; c < c1; c += 16) {
+          const int64_t th = std::min<int64_t>(16, t1 - t), cw = std::min<int64_t>(16, c1 - c);
+#if defined(__x86_64__)
+          if (avx2 && th == 16 && cw == 16) {
+            transpose_tile16_avx2(src + t * lds + c, lds, dst + c * ldd + t, ldd);
+            continue;
+          }
+#endif
+          transpose_tile_scalar(src + t * lds + c, th, cw, lds, dst + c * ldd + t, ldd);
+        }
+      }
     }
   }
 }

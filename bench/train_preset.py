@@ -1,0 +1,310 @@
+"""Training presets (``python -m bench train --preset NAME``): one model and one set of training
+settings, every implementation of MiSS on it, side by side.
+
+``metamathqa`` follows PEFT's published MiSS benchmark (method_comparison/MetaMathQA in PEFT:
+Llama-3.2-3B in bfloat16, no autocast, MiSS on q_proj/v_proj with r = mini_r = 64, AdamW with
+lr 1e-4 and weight decay 0.1, gradient norm clipped at 1.0) on a Llama built in code. Its sizes
+(hidden 1024, intermediate 2816, 16 heads, 2 layers, vocabulary 4096, 512 tokens, batch 1) keep a
+step well under a second on 2 CPU cores while matrix products dominate it: a step is about 65
+GFLOP of them (forward ~33: 2 layers x (4 attention projections 4.3 + MLP 8.9 + attention 1.1) +
+lm_head 4.3; the backward to the activations about as much again). On one core of an AMX Xeon a
+step takes about 0.25 s of CPU time, two thirds of it in GEMMs (39%) and attention (25%); the
+256-wide default of ``python -m bench train`` measures Python overhead instead. The cosine schedule and the 768-token, batch-4 batches of the original are left out:
+over a few steps a schedule is a constant, and a batch of 512 tokens already keeps every GEMM
+large.
+
+Rows (one training run each, all from the same initial weights, on the same batches, with their
+steps interleaved round-robin so machine noise hits all alike):
+
+* ``peft``:   PEFT's MiSS (``get_peft_model`` defaults: fp32 blocks on the bf16 model), for the
+  standard ("default"), mini and bat variants;
+* ``inject``: ``miss_ext.inject`` on the same model, for the same variants; BAT in its default
+  mode (``bat_precision="base"``) and in PEFT's fp32 promotion (``bat-promote``);
+* ``patch``:  PEFT's model under ``miss_ext.peft.patch(bat_precision=...)``, the same four rows;
+* ``peft lora-r32``: PEFT's LoRA (r=32, lora_alpha=64, q_proj/v_proj), the method users pick
+  instead (PEFT's own MetaMathQA comparison runs it at these settings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from . import memory, timing
+from .cases import INIT_WEIGHTS, dtype_str
+from .train_bench import PEFT_PREFIX, TARGETS, TrainConfig, build_llama, make_batches, optimizer, saved_bytes, \
+    train_step
+
+IMPLS = ("peft", "inject", "patch")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    about: str
+    config: dict  # TrainConfig fields; command-line flags override them
+    dtype: str = "bfloat16"
+    targets: str = "qv"
+    lora_r: int = 32
+    lora_alpha: int = 64
+
+
+PRESETS = {
+    "metamathqa": Preset(
+        name="metamathqa",
+        about="PEFT's MetaMathQA MiSS settings (bf16 model, fp32 adapter blocks, q_proj/v_proj, "
+              "r = mini_r = 64, AdamW lr 1e-4 wd 0.1, clip 1.0) on a Llama built in code",
+        config=dict(layers=2, hidden=1024, intermediate=2816, heads=16, vocab=4096, seq=512,
+                    batch=1, r=64, mini_r=64, lr=1e-4, weight_decay=0.1, grad_clip=1.0, steps=20, warmup=3),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row: an implementation and a variant (``lora`` for PEFT's LoRA)."""
+
+    impl: str  # peft, inject, patch
+    variant: str  # standard, mini, bat, lora
+    bat_precision: str = ""  # miss_ext's BAT mode (inject/patch bat rows): base or promote
+
+    @property
+    def label(self) -> str:
+        if self.variant == "bat" and self.bat_precision == "promote":
+            return "bat-promote"
+        return self.variant
+
+    @property
+    def key(self) -> str:
+        return f"{self.impl}/{self.label}"
+
+    @property
+    def peer(self) -> Optional[str]:
+        """The PEFT row this one is compared with (same variant), None for PEFT's own rows."""
+        if self.impl == "peft":
+            return None
+        return f"peft/{self.variant}"
+
+    @property
+    def default(self) -> Optional[str]:
+        """The same implementation's default MiSS (standard) row, for BAT's "BAT vs default"."""
+        return f"{self.impl}/standard" if self.variant == "bat" else None
+
+    def exact(self, autocast: bool) -> bool:
+        """Computes PEFT's numbers up to the order of fp32 additions (the loss tolerance is tighter).
+        Under autocast both BAT modes run bf16 GEMMs on W' formed in fp32, where PEFT rounds W B and
+        B to bf16 first: not PEFT's numbers."""
+        return self.variant in ("standard", "mini") or (self.bat_precision == "promote" and not autocast)
+
+
+def entries(variants=("standard", "mini", "bat"), lora: bool = True) -> List[Entry]:
+    """The rows, in table order: PEFT's, inject's, patch's (same variants), then LoRA."""
+    for v in variants:
+        if v not in INIT_WEIGHTS:
+            raise ValueError(f"unknown variant {v!r}; choose from {tuple(INIT_WEIGHTS)}")
+    variants = [v for v in INIT_WEIGHTS if v in variants]  # standard, mini, bat order
+    rows = [Entry("peft", v) for v in variants]
+    for impl in ("inject", "patch"):
+        for v in variants:
+            rows.append(Entry(impl, v, "base" if v == "bat" else ""))
+            if v == "bat":
+                rows.append(Entry(impl, v, "promote"))
+    if lora:
+        rows.append(Entry("peft", "lora"))
+    return rows
+
+
+def loss_tolerance(dtype, exact: bool) -> float:
+    """Largest |loss difference| to PEFT's same variant over the run, relative to max(1, loss).
+
+    float32: 1e-3 (only the order of fp32 additions differs). In bfloat16/float16 (or under
+    autocast) a reordered fp32 sum now and then flips the last bit of a bf16 activation (2^-9
+    relative), and AdamW, which normalises gradients, turns such tiny gradient differences into
+    parameter differences that do not fade. Rows that compute PEFT's numbers get 2e-3, about
+    bf16's unit roundoff and about 20x the difference measured at the preset's sizes over 20
+    steps (~1e-4 x loss); BAT's default mode rounds W' to bf16 once where PEFT keeps fp32, one
+    more rounding per weight of the frozen layer's own size, and gets 2.5x that (the numeric
+    contract allows 2.5x the frozen layer's error). A row that does not train moves away from
+    PEFT by the loss's own progress (about 0.15 over the preset's 20 steps) and fails."""
+    if dtype in (torch.float32, torch.float64):
+        return 1e-3
+    return 2e-3 if exact else 5e-3
+
+
+@dataclass
+class Contestant:
+    entry: Entry
+    model: nn.Module
+    params: List[torch.Tensor]
+    opt: torch.optim.Optimizer
+    times: List[float] = field(default_factory=list)
+    losses: List[float] = field(default_factory=list)
+    peaks: List[float] = field(default_factory=list)
+
+    def context(self):
+        """PEFT's class patched for this row's steps only (PEFT's own rows run unpatched)."""
+        if self.entry.impl != "patch":
+            return contextlib.nullcontext()
+        import miss_ext.peft as mp
+
+        return mp.patched(bat_precision=self.entry.bat_precision or "base")
+
+
+def _trainable(model: nn.Module) -> Dict[str, torch.Tensor]:
+    return {n[len(PEFT_PREFIX):] if n.startswith(PEFT_PREFIX) else n: p
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def build_model(entry: Entry, base: nn.Module, cfg: TrainConfig, preset: Preset, targets: str) -> nn.Module:
+    import miss_ext
+    from peft import LoraConfig, MissConfig, get_peft_model
+
+    model = copy.deepcopy(base)
+    names = list(TARGETS[targets])
+    if entry.variant == "lora":
+        torch.manual_seed(cfg.seed + 2)  # LoRA's A is random: the same A on every run
+        cfg_l = LoraConfig(r=preset.lora_r, lora_alpha=preset.lora_alpha, lora_dropout=0.0, target_modules=names)
+        return get_peft_model(model, cfg_l).train()
+    init = INIT_WEIGHTS[entry.variant]
+    if entry.impl in ("peft", "patch"):
+        cfg_m = MissConfig(r=cfg.r, mini_r=cfg.mini_r, init_weights=init, miss_dropout=0.0, target_modules=names)
+        return get_peft_model(model, cfg_m).train()
+    miss_ext.inject(model, names, r=cfg.r, mini_r=cfg.mini_r, init_weights=init,
+                    bat_precision=entry.bat_precision or None)
+    return model.train()
+
+
+def copy_blocks(dst: nn.Module, src: nn.Module, what: str) -> None:
+    """``dst``'s trainable blocks take ``src``'s values and dtype (PEFT's, the reference)."""
+    d, s = _trainable(dst), _trainable(src)
+    if set(d) != set(s):
+        missing = sorted(set(d) ^ set(s))[:6]
+        raise RuntimeError(f"{what}: trainable parameters differ from PEFT's: {missing} ...")
+    with torch.no_grad():
+        for n, p in d.items():
+            p.data = s[n].detach().clone()
+
+
+def build_contestants(cfg: TrainConfig, preset: Preset, rows: List[Entry], dtype, targets: str,
+                      device) -> List[Contestant]:
+    base = build_llama(cfg, dtype, device)
+    models: Dict[str, nn.Module] = {}
+    for e in rows:
+        models[e.key] = build_model(e, base, cfg, preset, targets)
+    for e in rows:
+        if e.peer is not None:
+            copy_blocks(models[e.key], models[e.peer], e.key)
+    out = []
+    for e in rows:
+        params = list(_trainable(models[e.key]).values())
+        out.append(Contestant(e, models[e.key], params, optimizer(params, cfg)))
+    return out
+
+
+def run_preset_case(cfg: TrainConfig, preset: Preset, rows: List[Entry], dtype, targets: str, device,
+                    bar=None) -> List[Dict]:
+    import miss_ext.peft as mp
+
+    if mp.is_patched():
+        raise RuntimeError("miss_ext.peft is patched globally; the PEFT rows must run PEFT's own code. "
+                           "Call miss_ext.peft.unpatch() first")
+    contestants = build_contestants(cfg, preset, rows, dtype, targets, device)
+    batches = make_batches(cfg, device)
+    saved = {}
+    for c in contestants:
+        with c.context():
+            saved[c.entry.key] = saved_bytes(c.model, batches[0], cfg)
+    clock = timing.clock_for(device)
+    n = len(contestants)
+    with timing.no_gc():
+        for step in range(cfg.steps):
+            ids = batches[step % len(batches)]
+            # The order rotates each round, so no row always runs right after the same neighbour.
+            for c in contestants[step % n:] + contestants[:step % n]:
+                with memory.cuda_peak(device) as peak:
+                    clock.sync()
+                    t0 = clock.mark()
+                    with c.context():
+                        loss = train_step(c.model, ids, c.opt, c.params, cfg)
+                    t1 = clock.mark()
+                    clock.sync()
+                c.losses.append(float(loss.detach().float().item()))
+                if step >= cfg.warmup or cfg.steps <= cfg.warmup:
+                    c.times.append(clock.elapsed_ms(t0, t1))
+                    c.peaks.append(peak["peak_bytes"])
+            if bar is not None:
+                bar.update(1)
+    return summarize(contestants, saved, cfg, preset, dtype, targets)
+
+
+def summarize(contestants: List[Contestant], saved: Dict[str, int], cfg: TrainConfig, preset: Preset, dtype,
+              targets: str) -> List[Dict]:
+    by_key = {c.entry.key: c for c in contestants}
+    lora = by_key.get("peft/lora")
+    tokens = cfg.batch * cfg.seq
+    half = cfg.autocast or dtype not in (torch.float32, torch.float64)
+    out = []
+    for c in contestants:
+        e = c.entry
+        ms = timing.median(c.times)
+        row = {
+            "preset": preset.name, "targets": targets, "dtype": dtype_str(dtype), "autocast": cfg.autocast,
+            "impl": e.impl, "variant": e.label, "method": "lora" if e.variant == "lora" else "miss",
+            "bat_precision": e.bat_precision, "r": preset.lora_r if e.variant == "lora" else cfg.r,
+            "mini_r": cfg.mini_r if e.variant == "mini" else "", "steps": cfg.steps, "timed_steps": len(c.times),
+            "batch": cfg.batch, "seq": cfg.seq, "trainable_params": sum(p.numel() for p in c.params),
+            "block_dtype": dtype_str(c.params[0].dtype) if c.params else "",
+            "step_ms": ms, "step_spread": timing.spread(c.times),
+            "tokens_per_s": tokens / (ms / 1e3) if ms > 0 else math.nan,
+            "saved_bytes": saved[e.key], "peak_bytes": max(c.peaks) if c.peaks else math.nan,
+            "first_loss": c.losses[0], "loss": c.losses[-1],
+        }
+        peer = by_key.get(e.peer) if e.peer else None
+        row["vs_peft"] = timing.paired_ratio(c.times, peer.times) if peer else math.nan
+        default = by_key.get(e.default) if e.default else None
+        row["bat_vs_default"] = timing.paired_ratio(c.times, default.times) if default else math.nan
+        row["vs_lora"] = timing.paired_ratio(c.times, lora.times) if lora is not None and c is not lora else math.nan
+        if peer is not None:
+            diffs = [abs(a - b) for a, b in zip(c.losses, peer.losses)]
+            tol = loss_tolerance(torch.bfloat16 if half else dtype, e.exact(cfg.autocast))
+            row["loss_max_abs_diff"] = max(diffs)
+            row["loss_tol"] = tol * max(1.0, abs(peer.losses[-1]))
+            row["loss_ok"] = all(math.isfinite(d) for d in diffs) and max(diffs) <= row["loss_tol"]
+        else:
+            row["loss_max_abs_diff"], row["loss_tol"] = math.nan, math.nan
+            row["loss_ok"] = all(math.isfinite(v) for v in c.losses)
+        out.append(row)
+    return out
+
+
+def run_preset(cfg: TrainConfig, preset: Preset, dtypes, targets, variants, device="cpu", lora: bool = True,
+               progress: bool = True) -> List[Dict]:
+    rows = entries(variants, lora)
+    combos = [(d, t) for d in dtypes for t in targets]
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(combos) * cfg.steps, desc=f"train {preset.name}", unit="round", file=sys.stderr,
+                       dynamic_ncols=True, leave=False)
+        except ImportError:
+            bar = None
+    out = []
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+            for d, t in combos:
+                out += run_preset_case(cfg, preset, rows, d, t, device, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
