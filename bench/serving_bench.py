@@ -38,11 +38,17 @@ class ServeCase:
     in_f: int
     out_f: int
     r: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # base: weight, activations, output
+    block_dtype: torch.dtype  # the adapters' blocks (PEFT's LoRA weights too)
+
+    @property
+    def dtype_name(self) -> str:
+        name = str(self.dtype).replace("torch.", "")
+        return name if self.block_dtype == self.dtype else f"{name}+{str(self.block_dtype).replace('torch.', '')}"
 
     def label(self) -> str:
         return (f"{self.seqs}x{self.tokens // self.seqs} tokens {self.in_f}->{self.out_f} "
-                f"r={self.r} {self.seqs} adapters {str(self.dtype).replace('torch.', '')}")
+                f"r={self.r} {self.seqs} adapters {self.dtype_name}")
 
 
 class ThreadClock:
@@ -70,6 +76,7 @@ def _contestants(case: ServeCase, device, seed: int):
     layer = miss_ext.MissLinear(base, r=case.r, adapter_name=names[0])
     for n in names[1:]:
         layer.update_layer(n, case.r)
+    layer.miss_block.to(case.block_dtype)
     with torch.no_grad():
         for p in layer.miss_block.values():
             p.normal_(0, 0.02)
@@ -81,6 +88,7 @@ def _contestants(case: ServeCase, device, seed: int):
                                   adapter_name=names[0])
         for i, n in enumerate(names[1:], 1):
             bat.update_layer(n, case.r, init_weights="bat" if i % 2 else True)
+        bat.miss_block.to(case.block_dtype)
         with torch.no_grad():
             for p in bat.miss_block.values():
                 p.normal_(0, 0.02)
@@ -103,10 +111,11 @@ def _contestants(case: ServeCase, device, seed: int):
                                LoraConfig(r=case.r, lora_alpha=case.r, target_modules=["lin"]), adapter_name=names[0])
         for n in names[1:]:
             model.add_adapter(n, LoraConfig(r=case.r, lora_alpha=case.r, target_modules=["lin"]))
-        with torch.no_grad():
-            for pname, p in model.named_parameters():
+        for pname, p in model.named_parameters():
+            if "lora_" in pname:
+                p.data = p.data.to(case.block_dtype)
                 if "lora_B" in pname:
-                    p.normal_(0, 0.02)
+                    p.data.normal_(0, 0.02)
         model.eval()
         peft_layer = model.base_model.model.lin
     except ImportError:
@@ -208,10 +217,10 @@ def run_serve(args) -> int:
     print(f"# miss_ext serving bench: device={meta['device_name']} torch={meta['torch']} "
           f"threads={meta['threads']} commit={meta['git_commit']} repeats={repeats} warmup={warmup}", flush=True)
     rows = []
-    for dt in dtypes:
-        case = ServeCase(dims["seqs"], dims["tokens"], dims["in_f"], dims["out_f"], dims["r"], dt)
+    for spec in dtypes:
+        case = ServeCase(dims["seqs"], dims["tokens"], dims["in_f"], dims["out_f"], dims["r"], spec.base, spec.block)
         contestants, err = _contestants(case, args.device, args.seed)
-        row = {"case": case.label(), "dtype": str(dt).replace("torch.", ""), "max_rel_err": f"{err:.1e}"}
+        row = {"case": case.label(), "dtype": case.dtype_name, "max_rel_err": f"{err:.1e}"}
         row.update(_row(case, _measure(contestants, timing.clock_for(args.device), warmup, repeats), ""))
         if torch.device(args.device).type == "cpu":
             threads = torch.get_num_threads()
