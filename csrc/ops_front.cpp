@@ -631,7 +631,21 @@ at::Tensor miss_gathered_product(const at::Tensor& base, const at::Tensor& s, at
   const auto acc = (s.scalar_type() == at::kDouble || s.scalar_type() == at::kFloat)
                        ? s.scalar_type()
                        : at::kFloat;
-  const at::Tensor b2 = as_rows(base).contiguous();
+  // A row broadcast to every row (bias.expand(...)) is read in place, never materialised: the
+  // layer adds the term to the bias first and lets the frozen GEMM accumulate into the result.
+  at::Tensor b2 = base;
+  const bool broadcast_row = base.dim() >= 1 && base.size(-1) > 0 && base.stride(-1) == 1 &&
+                             [&] {
+                               for (int64_t d = 0; d + 1 < base.dim(); ++d)
+                                 if (base.stride(d) != 0) return false;
+                               return true;
+                             }();
+  const int64_t n_rows = index.numel();
+  if (broadcast_row) {
+    b2 = base.as_strided({n_rows, out_f}, {0, 1});
+  } else {
+    b2 = as_rows(base).contiguous();
+  }
   const at::Tensor s2 = as_rows(s).to(acc).contiguous();
   std::vector<at::Tensor> blks;
   blks.reserve(blocks.size());

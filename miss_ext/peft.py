@@ -42,6 +42,7 @@ from .layer import (
     check_bat_precision,
     delta_weight,
     merge_steps,
+    plain_linear,
     unmerge_steps,
     variant_of_block,
 )
@@ -168,6 +169,7 @@ def _mixed_forward(self, x: torch.Tensor, adapter_names, args, kwargs) -> torch.
         bat_precision=_SETTINGS["bat_precision"],
         cast=self._cast_input_dtype,
         cache=getattr(self, "_bat_weight_cache", None),
+        linear=self.base_layer if backend is None and plain_linear(self.base_layer, args, kwargs) else None,
     )
     return serving.mixed_forward(view, x, names).to(previous_dtype)
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from . import functional as MF
 from ._ops import holds
-from .layer import autocast_dtype, bat_output
+from .layer import autocast_dtype, bat_output, plain_linear
 
 __all__ = ["BASE", "mixed_batch", "cache_bat_weights", "bat_cache_bytes"]
 
@@ -114,6 +114,7 @@ class LayerView:
     bat_precision: str
     cast: Callable[[torch.Tensor, torch.dtype], torch.Tensor]
     cache: Optional[dict]  # the BAT W' cache, or None when off
+    linear: Optional[nn.Linear] = None  # the base when it is exactly F.linear(x, W, b)
 
 
 def _index(names: Sequence[str], group: Sequence[str], device) -> torch.Tensor:
@@ -143,11 +144,26 @@ def _samples(names: Sequence[str], wanted, device) -> torch.Tensor:
 def _additive(view: LayerView, x: torch.Tensor, names: Sequence[str], adapters: Sequence[str]) -> torch.Tensor:
     """The base layer on every sample plus, per sample, its standard/mini adapter's term: one
     block sum and one gathered product per (r, block dtype), however many adapters share it."""
-    out = view.base(x)
     groups: dict = {}
     for a in adapters:
         block = view.blocks[a]
         groups.setdefault((block.shape[0], block.dtype), []).append(a)
+    lin = view.linear
+    fused = None
+    if lin is not None and autocast_dtype(x) is None and x.dtype == lin.weight.dtype:
+        # Equal dtypes: a group's term goes first, on top of the bias, and the frozen GEMM
+        # accumulates into it (beta = 1), as miss_linear does for one adapter: no extra pass.
+        fused = next((k for k in groups if k[1] == x.dtype), None)
+    if fused is not None:
+        out_f = lin.weight.shape[0]
+        row = lin.bias if lin.bias is not None else x.new_zeros(out_f)
+        base = row.to(x.dtype).expand(*x.shape[:-1], out_f)
+        index = _index(names, groups[fused], x.device)
+        index = index.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+        out = MF.gathered_forward(x, base, [view.blocks[a] for a in groups.pop(fused)], index)
+        out.view(-1, out_f).addmm_(x.reshape(-1, x.shape[-1]), lin.weight.t())
+    else:
+        out = view.base(x)
     for (_, bdt), group in groups.items():
         # x in a dtype the blocks hold, as the single-adapter path casts it (PEFT's rule).
         xi = x if holds(x.dtype, bdt) else view.cast(x, bdt)
@@ -240,6 +256,7 @@ def miss_linear_view(layer, args, kwargs) -> LayerView:
         bat_precision=layer.bat_precision,
         cast=_cast,
         cache=getattr(layer, "_bat_weight_cache", None),
+        linear=base_layer if plain_linear(base_layer, args, kwargs) else None,
     )
 
 

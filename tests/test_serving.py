@@ -68,6 +68,18 @@ def test_gathered_product_many_adapters_and_empty(device):
     assert empty.shape == (0, out_f)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_gathered_product_broadcast_base_row(device):
+    """A bias broadcast to every row (stride 0) is read in place and gives what its copy gives."""
+    bias = torch.randn(48, device=device)
+    s = torch.randn(2, 5, 4, device=device)
+    blocks = [torch.randn(4, 48, device=device), torch.randn(4, 12, device=device)]
+    index = torch.tensor([[0, 1, -1, 0, 0], [1, 1, -1, -1, 0]], device=device)
+    got = ops.miss_gathered_product(bias.expand(2, 5, 48), s, blocks, index)
+    want = ops.miss_gathered_product(bias.expand(2, 5, 48).contiguous(), s, blocks, index)
+    assert torch.equal(got, want)
+
+
 def test_gathered_product_rejects_bad_input():
     base, s = torch.randn(4, 8), torch.randn(4, 2)
     blocks = [torch.randn(2, 8)]

@@ -65,7 +65,8 @@ struct DropoutArgs {
   /* out[o, k] = W[o, k] + alpha * block[k % r, o % m], computed in block's dtype.         */ \
   void miss_merge(const at::Tensor& weight, const at::Tensor& block, double alpha,            \
                   at::Tensor& out);                                                           \
-  /* base: (N, out) contiguous, any float dtype; s: (N, r) contiguous float32/float64 that  */ \
+  /* base: (N, out), any float dtype, unit column stride, row stride out or 0 (a broadcast */ \
+  /* row); s: (N, r) contiguous float32/float64 that                                         */ \
   /* holds base's dtype; blocks: K >= 1 tensors (r, m_k) contiguous in s's dtype, with       */ \
   /* out % m_k == 0; index: (N,) contiguous int64 on base's device, values in [-1, K). out:  */ \
   /* like base. out[n, o] = base[n, o] + sum_c s[n, c] blocks[index[n]][c, o % m], in s's    */ \

@@ -64,6 +64,7 @@ void gathered_kernel(const at::Tensor& base, const at::Tensor& s, const std::vec
   }
 
   const out_t* bp = base.const_data_ptr<out_t>();
+  const int64_t ldb = base.stride(0);  // out_f, or 0 for a broadcast row (a bias)
   const acc_t* sp = s.const_data_ptr<acc_t>();
   out_t* op = out.mutable_data_ptr<out_t>();
   const auto opts = s.options();
@@ -77,7 +78,7 @@ void gathered_kernel(const at::Tensor& base, const at::Tensor& s, const std::vec
       if (task.group < 0) {
         for (int64_t k = task.begin; k < task.end; ++k) {
           const int64_t row = order[k];
-          std::memcpy(op + row * out_f, bp + row * out_f, sizeof(out_t) * out_f);
+          std::memcpy(op + row * out_f, bp + row * ldb, sizeof(out_t) * out_f);
         }
         continue;
       }
@@ -107,7 +108,7 @@ void gathered_kernel(const at::Tensor& base, const at::Tensor& s, const std::vec
       const int64_t pw = p.size(1);  // m (mini) or w
       for (int64_t k = 0; k < len; ++k) {
         const int64_t row = order[task.begin + k];
-        const out_t* b = bp + row * out_f + task.c0;
+        const out_t* b = bp + row * ldb + task.c0;
         out_t* o = op + row * out_f + task.c0;
         const acc_t* prow = pp + k * pw;
         if constexpr (std::is_same_v<out_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {

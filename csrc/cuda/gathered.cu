@@ -9,6 +9,8 @@
 // by run: one load of the run's block element serves every row of the run. No sort, no atomics,
 // and each output element is written once, so reruns are bit-identical.
 //
+// `base` may be one row broadcast to all (row stride 0: a bias), read as it is.
+//
 // The blocks' pointers travel in the kernel's arguments (kMaxBlocks per launch); more adapters
 // take more launches, each writing only its own rows (the first one also copies the others).
 #include "cuda/cuda_utils.cuh"
@@ -36,7 +38,7 @@ __global__ void __launch_bounds__(kThreads)
     gathered_kernel(const out_t* __restrict__ base, const acc_t* __restrict__ s,
                     const int64_t* __restrict__ index, const BlockTable<acc_t> table, int64_t k0,
                     int64_t k1, bool copy_others, out_t* __restrict__ out, int64_t rows,
-                    int64_t out_f, int64_t r) {
+                    int64_t out_f, int64_t r, int64_t ldb) {
   __shared__ acc_t s_tile[kTileRows][kChunk];
   __shared__ int64_t idx_tile[kTileRows];
   const int tid = threadIdx.x;
@@ -90,10 +92,11 @@ __global__ void __launch_bounds__(kThreads)
         if (t >= nrows) break;
         const int64_t k = idx_tile[t];
         const int64_t at_ = (row0 + t) * out_f + o;
+        const out_t b = base[(row0 + t) * ldb + o];
         if (k >= k0 && k < k1) {
-          out[at_] = static_cast<out_t>(static_cast<acc_t>(base[at_]) + acc[t]);
+          out[at_] = static_cast<out_t>(static_cast<acc_t>(b) + acc[t]);
         } else if (copy_others) {
-          out[at_] = base[at_];
+          out[at_] = b;
         }
       }
     }
@@ -116,7 +119,7 @@ void launch(const at::Tensor& base, const at::Tensor& s, const std::vector<at::T
     gathered_kernel<out_t, acc_t><<<grid_stride_blocks(tiles, 1), kThreads, 0,
                                      at::cuda::getCurrentCUDAStream()>>>(
         base.data_ptr<out_t>(), s.data_ptr<acc_t>(), static_cast<const int64_t*>(index.data_ptr()), table, k0, k1,
-        k0 == 0, out.data_ptr<out_t>(), rows, out_f, r);
+        k0 == 0, out.data_ptr<out_t>(), rows, out_f, r, base.stride(0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

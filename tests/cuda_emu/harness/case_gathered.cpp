@@ -2,7 +2,8 @@
 // blocks[index[n]][c, o % m] in s's precision, rounded once; index -1 copies the base row.
 // Paths: runs of rows sharing an adapter and rows alternating inside a tile, row tiles cut
 // short, r not a multiple of the staging chunk, mini (m < out) and standard blocks, more adapters
-// than one launch's table (several launches), grid-stride loops on small devices.
+// than one launch's table (several launches), a broadcast base row (stride 0), grid-stride loops
+// on small devices.
 #include "emu_test.h"
 
 namespace {
@@ -10,8 +11,9 @@ using namespace emu_test;
 
 // pattern 0: runs of 5 rows per adapter; 1: alternating; 2: all -1 but the last row.
 void gathered_case(ScalarType dt, ScalarType acc, int64_t n, int64_t out_f, int64_t r, int64_t k_count,
-                   int pattern, int64_t mini = 0) {
+                   int pattern, int64_t mini = 0, bool broadcast = false) {
   Tensor base = make(dt, {n, out_f}), s = make(acc, {n, r});
+  if (broadcast) base.sd[0] = 0;  // one row for all (a bias), row stride 0
   std::vector<Tensor> blocks;
   for (int64_t k = 0; k < k_count; ++k)
     blocks.push_back(make(acc, {r, (mini > 0 && k % 2 == 1) ? mini : out_f}));
@@ -25,7 +27,8 @@ void gathered_case(ScalarType dt, ScalarType acc, int64_t n, int64_t out_f, int6
   Tensor out = poisoned(dt, {n, out_f});
   const std::string name = label("miss_gathered_product", dt, {n, out_f, r, k_count},
                                  std::string("s ") + dtype_name(acc) + " pattern " + std::to_string(pattern) +
-                                     (mini ? " mini " + std::to_string(mini) : ""));
+                                     (mini ? " mini " + std::to_string(mini) : "") +
+                                     (broadcast ? " broadcast base" : ""));
   std::vector<const Tensor*> inputs{&base, &s, &index};
   for (auto& b : blocks) inputs.push_back(&b);
   if (!call(name, inputs, {&out}, [&] { miss_ext::cuda::miss_gathered_product(base, s, blocks, index, out); }))
@@ -66,6 +69,7 @@ EMU_SUITE(gathered, "miss_gathered_product: every dtype pair, runs and alternati
     }
   }
   gathered_case(at::kFloat, at::kFloat, 80, 32, 4, 40, 1);  // 40 adapters: two launches
+  gathered_case(at::kFloat, at::kFloat, 21, 96, 8, 2, 0, 24, true);  // a broadcast base row
   gathered_case(at::kFloat, at::kFloat, 0, 32, 4, 2, 0);    // no rows: nothing launched
   WithDevice dev({1, 9});                                    // grid-stride loop over tiles
   gathered_case(at::kBFloat16, at::kFloat, 70, 520, 8, 3, 0);
