@@ -123,6 +123,7 @@ std::string kernel_name() {
   size_t b = s.find("F = ");
   if (b == std::string::npos) return s;
   b += 4;
+  if (s[b] == '&') ++b;  // clang spells the pointer
   int depth = 0;
   size_t e = b;
   for (; e < s.size(); ++e) {
