@@ -332,24 +332,40 @@ struct WarpRecord {
   float in[3][256];
   float out[256];
 };
+// Records of the current phase only (warp_base: calls made before it), so memory stays bounded.
 inline std::vector<std::vector<WarpRecord>> warp_records;
-inline std::vector<size_t> warp_used;
+inline std::vector<size_t> warp_used, warp_base;
 
 inline WarpRecord& warp_record(int kind, bool& first) {
   Fiber& f = fibers()[cur];
   const unsigned w = f.tid / kWarp;
   auto& recs = warp_records[w];
-  const unsigned s = f.wmma_seq++;
+  const size_t s = f.wmma_seq++, k = s - warp_base[w];
   if (s == warp_used[w]) {
-    if (recs.size() == s) recs.emplace_back();
+    if (recs.size() == k) recs.emplace_back();
     ++warp_used[w];
     first = true;
-    recs[s].kind = kind;
-    return recs[s];
+    recs[k].kind = kind;
+    return recs[k];
   }
   first = false;
-  if (recs[s].kind != kind) fail("WMMA: the lanes of warp " + std::to_string(w) + " run different WMMA operations (a divergent warp)");
-  return recs[s];
+  if (recs[k].kind != kind) fail("WMMA: the lanes of warp " + std::to_string(w) + " run different WMMA operations (a divergent warp)");
+  return recs[k];
+}
+
+// Every lane of a warp must have made the same WMMA calls by a barrier or the block's end.
+inline void check_warps(unsigned nthreads, bool at_barrier) {
+  for (unsigned i = 0; i < nthreads && !has_error(); ++i) {
+    if (fibers()[i].wmma_seq != warp_used[i / kWarp]) {
+      fail("WMMA: lane " + std::to_string(i % kWarp) + " of warp " + std::to_string(i / kWarp) + " made " +
+           std::to_string(fibers()[i].wmma_seq) + " WMMA calls, another lane " +
+           std::to_string(warp_used[i / kWarp]) + (at_barrier ? " by the same barrier" : "") + " (a divergent warp)");
+    }
+  }
+  for (size_t w = 0; w < warp_used.size(); ++w) {
+    warp_base[w] = warp_used[w];
+    warp_records[w].clear();
+  }
 }
 
 // ---------------------------------------------------------------------------- blocks
@@ -374,6 +390,7 @@ inline void run_block(unsigned nthreads) {
   const unsigned nwarps = (nthreads + kWarp - 1) / kWarp;
   if (warp_records.size() < nwarps) warp_records.resize(nwarps);
   warp_used.assign(nwarps, 0);
+  warp_base.assign(nwarps, 0);
 
   std::vector<unsigned> order(nthreads);
   for (unsigned i = 0; i < nthreads; ++i) order[i] = i;
@@ -407,16 +424,10 @@ inline void run_block(unsigned nthreads) {
       // The waiting fibers are abandoned; their contexts are remade for the next block.
       break;
     }
+    check_warps(nthreads, true);
     for (unsigned i = 0; i < nthreads; ++i) fibers()[i].state = Fiber::kReady;
   }
-  // Every lane of a warp must have made the same WMMA calls.
-  for (unsigned i = 0; i < nthreads && !has_error(); ++i) {
-    if (fibers()[i].state == Fiber::kDone && fibers()[i].wmma_seq != warp_used[i / kWarp]) {
-      fail("WMMA: lane " + std::to_string(i % kWarp) + " of warp " + std::to_string(i / kWarp) +
-           " made " + std::to_string(fibers()[i].wmma_seq) + " WMMA calls, another lane " +
-           std::to_string(warp_used[i / kWarp]) + " (a divergent warp)");
-    }
-  }
+  if (!has_error()) check_warps(nthreads, false);
   if (dyn_smem_ptr) {
     for (size_t i = 0; i < kDynSmemGuard; ++i) {
       if (dyn_smem_ptr[dyn_smem_bytes + i] != 0xFF) {
