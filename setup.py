@@ -11,19 +11,61 @@ import re
 import subprocess
 import sys
 
-from setuptools import setup
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+FIX = "pip install --no-build-isolation ."
+
+
+def _torch_visible_here():
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _torch_outside_this_build():
+    """The torch version this interpreter sees outside the build's environment (None if none).
+
+    pip's default build isolation runs setup.py with PYTHONPATH pointing at a temporary
+    environment and the interpreter's own site-packages taken off sys.path; a child process
+    without those variables sees what the user installed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+    probe = "import importlib.metadata as m; print(m.version('torch'))"
+    try:
+        proc = subprocess.run([sys.executable, "-c", probe], env=env, cwd=os.path.dirname(HERE),
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.strip() or None
+
+
+def _no_torch_message(err):
+    """Why `import torch` failed in this build, and the command that fixes it."""
+    visible = _torch_visible_here()
+    if visible:
+        return (f"miss_ext: torch {visible} is installed for {sys.executable} but failed to import "
+                f"({err}); fix that torch install, then run: {FIX}")
+    outside = _torch_outside_this_build()
+    if outside:
+        return (f"miss_ext: torch {outside} is installed for {sys.executable}, but pip's build "
+                f"isolation hid it (a plain `pip install .` builds in a temporary environment "
+                f"without torch). Build against the installed torch with: {FIX}")
+    return (f"miss_ext: torch is not installed for {sys.executable}; the extension is compiled "
+            f"against the torch already installed, so install one first (any torch 2.11 - 2.14, "
+            f"e.g. pip install torch==2.13.0), then run: {FIX}")
+
 
 try:
     import torch
-except ImportError:
-    # A plain `pip install .` builds in an isolated env without torch; pulling a multi-GB torch
-    # into it would build against the wrong ABI. Stop at once with the command that works.
-    sys.exit(
-        "miss_ext: torch is not importable in this build environment; install torch first, "
-        "then run: pip install --no-build-isolation ."
-    )
+except ImportError as _err:
+    # Never pull a torch into an isolated build env: it would be a multi-GB download of a
+    # torch other than the one the extension must match. Stop at once and say what happened.
+    sys.exit(_no_torch_message(_err))
+
+from setuptools import setup  # noqa: E402  (after the torch check: its message comes first)
 
 
 def _real_cuda_home():
@@ -141,6 +183,10 @@ def extensions():
     print(f"miss_ext: building against torch {torch.__version__}, "
           f"CUDA={'on (' + archs + ')' if with_cuda else 'off'}, "
           f"OpenMP={'on' if _torch_uses_openmp() else 'off'}", file=sys.stderr)
+    # pip shows these lines, and a line per compiled file (ninja: "[k/n] <compiler command>"),
+    # only with -v; without it the build is silent until it ends.
+    print(f"miss_ext: compiling {len(sources)} files (MAX_JOBS={os.environ.get('MAX_JOBS', 'unset: all cores')}); "
+          "one line per file follows as each one finishes", file=sys.stderr)
     return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
 
 

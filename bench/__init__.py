@@ -6,7 +6,7 @@ Run ``python -m bench --help`` from the repository root. Modules, one job each:
 * :mod:`bench.contestants` - floor / PEFT / miss_ext modules on one shared base and block;
 * :mod:`bench.timing`      - interleaved (round-robin) timing, medians, CUDA events;
 * :mod:`bench.memory`      - bytes saved by autograd (saved_tensors_hooks), CUDA peak memory;
-* :mod:`bench.costmodel`   - SPEC section 8's flop model (the ideal ratio to the floor);
+* :mod:`bench.costmodel`   - docs/MATH.md section 8's flop model (the ideal ratio to the floor);
 * :mod:`bench.accuracy`    - errors against ``miss_ext.reference`` (in float64) and PEFT;
 * :mod:`bench.layer_bench` - the one-layer suite (rows of numbers);
 * :mod:`bench.train_bench` - end-to-end training of a small Llama with PEFT and miss_ext;

@@ -46,7 +46,7 @@ class Case:
         return f"{self.variant}/{self.dtype_name}/{self.shape.label()}/r{self.shape.r}"
 
     def skip_reason(self) -> Optional[str]:
-        """Why PEFT/SPEC section 7 forbids this case, or None when it is valid."""
+        """Why PEFT/docs/MATH.md section 7 forbids this case, or None when it is valid."""
         s = self.shape
         if s.r > s.in_features:
             return "r > in_features"

@@ -4,7 +4,7 @@
 * ``peft``   - ``peft.tuners.miss.layer.MissLinear`` around the same linear, block copied in;
 * ``ours``   - ``miss_ext.MissLinear`` around the same linear, same block values;
 * ``floorW`` - (BAT only) a copy of the linear whose weight requires grad: forward + ``dL/dx`` +
-  ``dL/dW``, the GEMMs BAT cannot avoid (SPEC section 8), i.e. BAT's real floor.
+  ``dL/dW``, the GEMMs BAT cannot avoid (docs/MATH.md section 8), i.e. BAT's real floor.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The flop model of SPEC section 8: what a MiSS layer must compute, as a ratio to the frozen
+"""The flop model of docs/MATH.md section 8: what a MiSS layer must compute, as a ratio to the frozen
 linear (forward ``2*N*in*out``; backward to ``x`` the same again). It counts the GEMM-like work
 only; the memory-bound passes (block sums, tiling, adds) are left out, so a kernel at its
 floor shows a measured ratio a little above this one."""

@@ -193,7 +193,7 @@ def write_png(path, rows: List[dict], title: str = "") -> Path | None:
         model = [v if isinstance(v, (int, float)) else math.nan for v in model]
         if not all(math.isnan(v) for v in model):
             ax.scatter(range(n), model, marker="_", s=400, color="black", zorder=3,
-                       label="flop model (SPEC §8)")
+                       label="flop model (docs/MATH.md §8)")
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 7.0)))

@@ -14,30 +14,43 @@
 #endif
 
 TORCH_LIBRARY(miss_ext, m) {
-  // Block sum over the last dim, zero-padded to a multiple of r: (..., in) -> (..., r).
-  m.def("blocksum(Tensor x, int r) -> Tensor");
+  // Block sum over the last dim, zero-padded to a multiple of r: (..., in) -> (..., r), in x's
+  // dtype or a wider `dtype` (float32/float64: summed straight into it, x never copied).
+  m.def("blocksum(Tensor x, int r, ScalarType? dtype=None) -> Tensor");
   // Block sum of dropout(x) with the mask regenerated from (seed, element index).
-  m.def("blocksum_dropout(Tensor x, int r, float p, Tensor seed) -> Tensor");
-  // Repeat the last dim to `features` columns: (..., r) -> (..., features), the adjoint of blocksum.
-  m.def("tile(Tensor s, int features) -> Tensor");
+  m.def("blocksum_dropout(Tensor x, int r, float p, Tensor seed, ScalarType? dtype=None) -> Tensor");
+  // Repeat the last dim to `features` columns: (..., r) -> (..., features), the adjoint of
+  // blocksum, in s's dtype or a narrower `dtype` (rounded once).
+  m.def("tile(Tensor s, int features, ScalarType? dtype=None) -> Tensor");
   // tile with the dropout mask of blocksum_dropout: the adjoint of blocksum_dropout.
-  m.def("tile_dropout(Tensor s, int features, float p, Tensor seed) -> Tensor");
-  // base + tile(s, base.shape[-1]).
+  m.def("tile_dropout(Tensor s, int features, float p, Tensor seed, ScalarType? dtype=None) -> Tensor");
+  // base + tile(s, base.shape[-1]) in base's dtype; s may be wider (rounded once).
   m.def("tile_add(Tensor base, Tensor s) -> Tensor");
-  // BAT: W'_ij = W_ij (I + B_i) + B_i over r x r blocks.
-  m.def("bat_transform(Tensor weight, Tensor block) -> Tensor");
+  // BAT: W'_ij = W_ij (I + B_i) + B_i over r x r blocks, in the block's precision, rounded once
+  // to `dtype` (default: the block's dtype).
+  m.def("bat_transform(Tensor weight, Tensor block, ScalarType? dtype=None) -> Tensor");
   // dL/dB_i = sum_j (W_ij + I)^T G_ij for G = dL/dW'.
   m.def("bat_block_grad(Tensor grad, Tensor weight, int r) -> Tensor");
+  // The same from the layer's output gradient and input, with G = grad^T x never formed,
+  // accumulated in `dtype` (float32, or float64 for float64 x).
+  m.def("bat_io_block_grad(Tensor grad, Tensor x, Tensor weight, int r, ScalarType? dtype=None) -> Tensor");
   // dL/dW_ij = G_ij (I + B_i)^T for G = dL/dW'.
   m.def("bat_weight_grad(Tensor grad, Tensor block) -> Tensor");
-  // x W'^T + b with W' the weight after each block's transform in turn.
+  // x W'^T + b with W' the weight after each block's transform in turn; the blocks may be wider
+  // than x (W' formed in their precision, rounded once to x's dtype for the GEMM).
   m.def("bat_linear(Tensor x, Tensor weight, Tensor? bias, Tensor[] blocks) -> Tensor");
   // Inverse of bat_transform: W_ij = (W'_ij - B_i)(I + B_i)^-1, by a solve in float32/64.
   m.def("bat_unmerge(Tensor weight, Tensor block) -> Tensor");
   // Standard (block (r, out)) or mini (block (r, mini_r)) MiSS fused with its frozen nn.Linear:
   // y = x W^T + b + tile_out(blocksum_r(dropout(x)) @ block); also returns the block sum S,
   // which backward needs (it is N x r: nothing weight- or input-sized is saved).
+  // With a block wider than x (mixed precision) the base output is rounded in x's dtype and the
+  // block-precision term added and rounded once, as PEFT does; S is in the block's dtype.
   m.def("miss_linear(Tensor x, Tensor weight, Tensor? bias, Tensor block, float p, Tensor? seed) -> (Tensor, Tensor)");
+  // base + s @ block with the product in the block's precision, rounded once to base's dtype.
+  m.def("miss_add_product(Tensor base, Tensor s, Tensor block) -> Tensor");
+  // (s^T grad, grad block^T) in the block's precision, grad read in its own dtype.
+  m.def("miss_block_grads(Tensor grad, Tensor s, Tensor block) -> (Tensor, Tensor)");
   // W + alpha * dW with dW[o, k] = block[k % r, o % m] (standard: m = out, mini: m = mini_r).
   m.def("miss_merge(Tensor weight, Tensor block, float alpha) -> Tensor");
 }
@@ -50,10 +63,13 @@ TORCH_LIBRARY(miss_ext, m) {
   m.impl("tile_add", &miss_ext::tile_add);           \
   m.impl("bat_transform", &miss_ext::bat_transform); \
   m.impl("bat_block_grad", &miss_ext::bat_block_grad); \
+  m.impl("bat_io_block_grad", &miss_ext::bat_io_block_grad); \
   m.impl("bat_weight_grad", &miss_ext::bat_weight_grad); \
   m.impl("bat_linear", &miss_ext::bat_linear);       \
   m.impl("bat_unmerge", &miss_ext::bat_unmerge);     \
   m.impl("miss_linear", &miss_ext::miss_linear);     \
+  m.impl("miss_add_product", &miss_ext::miss_add_product); \
+  m.impl("miss_block_grads", &miss_ext::miss_block_grads); \
   m.impl("miss_merge", &miss_ext::miss_merge)
 
 TORCH_LIBRARY_IMPL(miss_ext, CPU, m) { MISS_EXT_REGISTER_ALL(m); }

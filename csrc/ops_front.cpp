@@ -62,6 +62,23 @@ void check_rank(const char* op, const char* name, int64_t r) {
               "' (the block size r) must be a positive integer (got ", r, ")");
 }
 
+// Whether `wide` holds every value of `narrow` (the mixed-precision pairs: a half type with
+// float32/float64, float32 with float64, or the same dtype).
+bool holds(at::ScalarType narrow, at::ScalarType wide) {
+  if (narrow == wide || wide == at::kDouble) return true;
+  return wide == at::kFloat && (narrow == at::kBFloat16 || narrow == at::kHalf);
+}
+
+// The optional output dtype of a widening op: `dtype`, checked to hold `from`, else `from`.
+at::ScalarType widened(const char* op, const char* from_name, at::ScalarType from,
+                       std::optional<at::ScalarType> dtype) {
+  if (!dtype.has_value()) return from;
+  TORCH_CHECK(holds(from, *dtype), "miss_ext.", op, ": argument 'dtype' (", *dtype,
+              ") must be ", from_name, "'s dtype (", from,
+              ") or a wider float (float32 or float64) that holds it");
+  return *dtype;
+}
+
 // (..., f) -> (N, f) with unit stride along features; copies only when the view cannot.
 at::Tensor as_rows(const at::Tensor& t) {
   const int64_t f = t.size(-1);
@@ -96,7 +113,9 @@ DropoutArgs dropout_args(const char* op, double p, const at::Tensor& seed) {
   return d;
 }
 
-at::Tensor blocksum_impl(const char* op, const at::Tensor& x, int64_t r, const DropoutArgs& drop) {
+// The block sum of x into `out_dtype` (x's dtype or a wider float: x is never copied).
+at::Tensor blocksum_impl(const char* op, const at::Tensor& x, int64_t r, const DropoutArgs& drop,
+                         at::ScalarType out_dtype) {
   check_float(op, "x", x);
   TORCH_CHECK(x.dim() >= 1, "miss_ext.", op,
               ": argument 'x' must have at least 1 dimension (features last), got a scalar");
@@ -104,7 +123,7 @@ at::Tensor blocksum_impl(const char* op, const at::Tensor& x, int64_t r, const D
   at::Tensor rows = as_rows(x);
   // Allocated in the final shape and filled through a 2-D view, so the result is not a view
   // (FSDP and in-place autograd treat views specially).
-  at::Tensor out = at::empty(with_last(x, r), x.options());
+  at::Tensor out = at::empty(with_last(x, r), x.options().dtype(out_dtype));
   at::Tensor out_rows = out.view({rows.size(0), r});
   if (rows.size(1) == 0) {
     out.zero_();
@@ -114,8 +133,9 @@ at::Tensor blocksum_impl(const char* op, const at::Tensor& x, int64_t r, const D
   return out;
 }
 
+// base + tile(s) (base optional) in `out_dtype`, which s's dtype must hold.
 at::Tensor tile_impl(const char* op, const at::Tensor& s, int64_t features, const at::Tensor& base,
-                     const DropoutArgs& drop) {
+                     const DropoutArgs& drop, at::ScalarType out_dtype) {
   check_float(op, "s", s);
   TORCH_CHECK(s.dim() >= 1, "miss_ext.", op,
               ": argument 's' must have at least 1 dimension (block last), got a scalar");
@@ -126,7 +146,7 @@ at::Tensor tile_impl(const char* op, const at::Tensor& s, int64_t features, cons
   at::Tensor rows = as_rows(s).contiguous();
   at::Tensor base_rows;
   if (base.defined()) base_rows = base.reshape({rows.size(0), features}).contiguous();
-  at::Tensor out = at::empty(with_last(s, features), s.options());
+  at::Tensor out = at::empty(with_last(s, features), s.options().dtype(out_dtype));
   at::Tensor out_rows = out.view({rows.size(0), features});
   if (rows.size(0) > 0 && features > 0) {
     MISS_EXT_ON_DEVICE(s, tile, rows, base_rows, drop, out_rows);
@@ -176,26 +196,68 @@ at::ScalarType fp32_or_fp64(const at::Tensor& a, const at::Tensor& b) {
                                                                             : at::kFloat;
 }
 
+// The output dtype of tile/tile_dropout: `dtype` must be s's dtype or narrower (s holds it).
+at::ScalarType narrowed(const char* op, const at::Tensor& s, std::optional<at::ScalarType> dtype) {
+  if (!dtype.has_value()) return s.scalar_type();
+  TORCH_CHECK(is_supported_float(*dtype) && holds(*dtype, s.scalar_type()), "miss_ext.", op,
+              ": argument 'dtype' (", *dtype, ") must be s's dtype (", s.scalar_type(),
+              ") or a narrower float that s's dtype holds (the tiled term is rounded once to it)");
+  return *dtype;
+}
+
+// The BAT transform of `weight` by `block` into `out_dtype`. All three equal: products in that
+// dtype. A float32/float64 block: products in its precision, the weight read as stored, the
+// result rounded once. A half-type block with anything else differing: the weight is cast to
+// the block's dtype first (as PEFT computes BAT in the adapter's dtype).
+at::Tensor transform(const at::Tensor& weight, const at::Tensor& block, at::ScalarType out_dtype) {
+  const auto bt = block.scalar_type();
+  const bool wide_block = bt == at::kFloat || bt == at::kDouble;
+  at::Tensor w = (wide_block ? weight : weight.to(bt)).contiguous();
+  at::Tensor b = block.contiguous();
+  const bool equal = w.scalar_type() == bt && out_dtype == bt;
+  at::Tensor out = at::empty(w.sizes(), w.options().dtype(equal || wide_block ? out_dtype : bt));
+  if (w.numel() > 0) MISS_EXT_ON_DEVICE(w, bat_transform, w, b, out);
+  return out.scalar_type() == out_dtype ? out : out.to(out_dtype);
+}
+
+// The block precision of a standard/mini op: the block's dtype, which must hold x's.
+void check_block_holds(const char* op, const char* x_name, const at::Tensor& x,
+                       const at::Tensor& block) {
+  TORCH_CHECK(holds(x.scalar_type(), block.scalar_type()), "miss_ext.", op, ": argument 'block' (",
+              block.scalar_type(), ") must have ", x_name, "'s dtype (", x.scalar_type(),
+              ") or a wider float that holds it (a float32 block on a bfloat16 base is the "
+              "mixed-precision layer); cast one of them");
+}
+
 }  // namespace
 
-at::Tensor blocksum(const at::Tensor& x, int64_t r) {
+at::Tensor blocksum(const at::Tensor& x, int64_t r, std::optional<at::ScalarType> dtype) {
   MISS_EXT_NO_AUTOCAST;
-  return blocksum_impl("blocksum", x, r, DropoutArgs{});
+  check_float("blocksum", "x", x);
+  return blocksum_impl("blocksum", x, r, DropoutArgs{},
+                       widened("blocksum", "x", x.scalar_type(), dtype));
 }
 
-at::Tensor blocksum_dropout(const at::Tensor& x, int64_t r, double p, const at::Tensor& seed) {
+at::Tensor blocksum_dropout(const at::Tensor& x, int64_t r, double p, const at::Tensor& seed,
+                            std::optional<at::ScalarType> dtype) {
   MISS_EXT_NO_AUTOCAST;
-  return blocksum_impl("blocksum_dropout", x, r, dropout_args("blocksum_dropout", p, seed));
+  const char* op = "blocksum_dropout";
+  check_float(op, "x", x);
+  return blocksum_impl(op, x, r, dropout_args(op, p, seed), widened(op, "x", x.scalar_type(), dtype));
 }
 
-at::Tensor tile(const at::Tensor& s, int64_t features) {
+at::Tensor tile(const at::Tensor& s, int64_t features, std::optional<at::ScalarType> dtype) {
   MISS_EXT_NO_AUTOCAST;
-  return tile_impl("tile", s, features, at::Tensor(), DropoutArgs{});
+  check_float("tile", "s", s);
+  return tile_impl("tile", s, features, at::Tensor(), DropoutArgs{}, narrowed("tile", s, dtype));
 }
 
-at::Tensor tile_dropout(const at::Tensor& s, int64_t features, double p, const at::Tensor& seed) {
+at::Tensor tile_dropout(const at::Tensor& s, int64_t features, double p, const at::Tensor& seed,
+                        std::optional<at::ScalarType> dtype) {
   MISS_EXT_NO_AUTOCAST;
-  return tile_impl("tile_dropout", s, features, at::Tensor(), dropout_args("tile_dropout", p, seed));
+  const char* op = "tile_dropout";
+  check_float(op, "s", s);
+  return tile_impl(op, s, features, at::Tensor(), dropout_args(op, p, seed), narrowed(op, s, dtype));
 }
 
 at::Tensor tile_add(const at::Tensor& base, const at::Tensor& s) {
@@ -203,23 +265,26 @@ at::Tensor tile_add(const at::Tensor& base, const at::Tensor& s) {
   check_float("tile_add", "base", base);
   check_float("tile_add", "s", s);
   check_same_device("tile_add", "base", base, "s", s);
-  check_same_dtype("tile_add", "base", base, "s", s);
+  TORCH_CHECK(holds(base.scalar_type(), s.scalar_type()), "miss_ext.tile_add: argument 's' (",
+              s.scalar_type(), ") must have base's dtype (", base.scalar_type(),
+              ") or a wider float that holds it (the sum is rounded once to base's dtype)");
   TORCH_CHECK(base.dim() >= 1 && base.dim() == s.dim() &&
                   base.sizes().slice(0, base.dim() - 1) == s.sizes().slice(0, s.dim() - 1),
               "miss_ext.tile_add: arguments 'base' ", base.sizes(), " and 's' ", s.sizes(),
               " must have the same leading dimensions (only the last may differ)");
-  return tile_impl("tile_add", s, base.size(-1), base, DropoutArgs{});
+  return tile_impl("tile_add", s, base.size(-1), base, DropoutArgs{}, base.scalar_type());
 }
 
-at::Tensor bat_transform(const at::Tensor& weight, const at::Tensor& block) {
+at::Tensor bat_transform(const at::Tensor& weight, const at::Tensor& block,
+                         std::optional<at::ScalarType> dtype) {
   MISS_EXT_NO_AUTOCAST;
-  check_bat_shapes("bat_transform", "weight", weight, block);
-  // The transform runs in the block's dtype, as PEFT computes the delta in the adapter's dtype.
-  at::Tensor w = weight.to(block.scalar_type()).contiguous();
-  at::Tensor b = block.contiguous();
-  at::Tensor out = at::empty_like(w);
-  if (w.numel() > 0) MISS_EXT_ON_DEVICE(w, bat_transform, w, b, out);
-  return out;
+  const char* op = "bat_transform";
+  check_bat_shapes(op, "weight", weight, block);
+  if (dtype.has_value()) {
+    TORCH_CHECK(is_supported_float(*dtype), "miss_ext.", op,
+                ": argument 'dtype' must be float32, float64, bfloat16 or float16 (got ", *dtype, ")");
+  }
+  return transform(weight, block, dtype.value_or(block.scalar_type()));
 }
 
 at::Tensor bat_block_grad(const at::Tensor& grad, const at::Tensor& weight, int64_t r) {
@@ -267,12 +332,20 @@ at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight,
               ": argument 'x' must end in in_features = ", weight.size(1), " (got shape ",
               x.sizes(), ")");
   for (const auto& b : blocks) {
-    check_same_dtype(op, "x", x, "blocks[i]", b);
     check_bat_shapes(op, "weight", weight, b);
+    TORCH_CHECK(holds(x.scalar_type(), b.scalar_type()), "miss_ext.", op, ": every block (got ",
+                b.scalar_type(), ") must have x's dtype (", x.scalar_type(),
+                ") or a wider float that holds it (mixed precision: W' is formed in the block's "
+                "precision and rounded once to x's dtype); cast x or the blocks");
   }
   const std::optional<at::Tensor> b = checked_bias(op, x, bias, weight.size(0));
+  // Intermediate weights of a chain stay in their block's precision; the last transform rounds
+  // once to x's dtype, the dtype of both GEMMs (docs/MATH.md, mixed precision).
   at::Tensor w = weight;
-  for (const auto& block : blocks) w = bat_transform(w, block);
+  for (size_t k = 0; k < blocks.size(); ++k) {
+    const bool last = k + 1 == blocks.size();
+    w = transform(w, blocks[k], last ? x.scalar_type() : blocks[k].scalar_type());
+  }
   // Through a 2-D view of a result allocated in its final shape, so the output is not a view.
   const at::Tensor x2 = as_rows(x);
   at::Tensor y = at::empty(with_last(x, weight.size(0)), x.options());
@@ -285,13 +358,49 @@ at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight,
   return y;
 }
 
+at::Tensor bat_io_block_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                             int64_t r, std::optional<at::ScalarType> dtype) {
+  MISS_EXT_NO_AUTOCAST;
+  const char* op = "bat_io_block_grad";
+  check_float(op, "grad", grad);
+  check_float(op, "x", x);
+  check_float(op, "weight", weight);
+  check_same_device(op, "grad", grad, "x", x);
+  check_same_device(op, "grad", grad, "weight", weight);
+  check_same_dtype(op, "grad", grad, "x", x);
+  check_dim(op, "weight", weight, 2, "(out_features, in_features)");
+  check_rank(op, "r", r);
+  const int64_t out_f = weight.size(0), in_f = weight.size(1);
+  TORCH_CHECK(out_f % r == 0 && in_f % r == 0, "miss_ext.", op,
+              ": BAT needs in_features and out_features divisible by r (got weight shape ",
+              weight.sizes(), ", r = ", r, ")");
+  TORCH_CHECK(grad.dim() >= 1 && grad.size(-1) == out_f, "miss_ext.", op,
+              ": argument 'grad' must end in out_features = ", out_f, " (got shape ",
+              grad.sizes(), ")");
+  TORCH_CHECK(x.dim() == grad.dim() && x.size(-1) == in_f &&
+                  x.sizes().slice(0, x.dim() - 1) == grad.sizes().slice(0, grad.dim() - 1),
+              "miss_ext.", op, ": argument 'x' must have grad's leading dimensions and end in "
+              "in_features = ", in_f, " (got x ", x.sizes(), ", grad ", grad.sizes(), ")");
+  const auto acc = dtype.value_or(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  TORCH_CHECK((acc == at::kFloat || acc == at::kDouble) && holds(x.scalar_type(), acc), "miss_ext.",
+              op, ": argument 'dtype' (the accumulation dtype) must be float32 or float64 and hold "
+              "x's dtype (got ", acc, " for x of ", x.scalar_type(), ")");
+  at::Tensor out = at::zeros({out_f / r, r, r}, grad.options().dtype(acc));
+  const at::Tensor g2 = as_rows(grad), x2 = as_rows(x);
+  if (g2.size(0) > 0 && out.numel() > 0) {
+    const at::Tensor w = weight.contiguous();
+    MISS_EXT_ON_DEVICE(g2, bat_io_block_grad, g2, x2, w, r, out);
+  }
+  return out;
+}
+
 at::Tensor bat_unmerge(const at::Tensor& weight, const at::Tensor& block) {
   MISS_EXT_NO_AUTOCAST;
   const char* op = "bat_unmerge";
   const int64_t r = check_bat_shapes(op, "weight", weight, block);
   const int64_t out_f = weight.size(0), in_f = weight.size(1), nb = out_f / r;
   if (weight.numel() == 0) return weight.clone();
-  // Copy-free layout (SPEC section 3): weight.view(nb, r, in/r, r)[i, a, j, c] = W_ij[a, c],
+  // Copy-free layout (docs/MATH.md section 3): weight.view(nb, r, in/r, r)[i, a, j, c] = W_ij[a, c],
   // and the same memory viewed as (nb, in, r) stacks the rows of every W_ij of block row i.
   const auto acc = fp32_or_fp64(weight, block);
   at::Tensor b = block.to(acc);
@@ -329,7 +438,7 @@ std::tuple<at::Tensor, at::Tensor> miss_linear(const at::Tensor& x, const at::Te
   check_same_device(op, "x", x, "weight", weight);
   check_same_device(op, "x", x, "block", block);
   check_same_dtype(op, "x", x, "weight", weight);
-  check_same_dtype(op, "x", x, "block", block);
+  check_block_holds(op, "x", x, block);
   const int64_t out_f = weight.size(0), in_f = weight.size(1), r = block.size(0), m = block.size(1);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_f, "miss_ext.", op,
               ": argument 'x' must end in in_features = ", in_f, " (got shape ", x.sizes(), ")");
@@ -337,29 +446,107 @@ std::tuple<at::Tensor, at::Tensor> miss_linear(const at::Tensor& x, const at::Te
   TORCH_CHECK(m > 0 && out_f % m == 0, "miss_ext.", op, ": out_features (", out_f,
               ") must be divisible by block.shape[1] (", m,
               "; out_features for standard MiSS, mini_r for mini)");
+  const auto b = checked_bias(op, x, bias, out_f);
   at::Tensor x2 = as_rows(x);
   const int64_t n = x2.size(0);
-  at::Tensor s;
+  DropoutArgs drop;
   if (p > 0.0) {
     TORCH_CHECK(seed.has_value(), "miss_ext.", op, ": argument 'seed' is required when p > 0");
-    s = blocksum_impl(op, x, r, dropout_args(op, p, *seed));
-  } else {
-    s = blocksum_impl(op, x, r, DropoutArgs{});
+    drop = dropout_args(op, p, *seed);
   }
+  // S is in the block's precision: for a half-type x it is summed straight into float32.
+  at::Tensor s = blocksum_impl(op, x, r, drop, block.scalar_type());
   const at::Tensor s2 = s.view({n, r});
-  // The adapter term (and the bias) first, then the frozen GEMM accumulates into it (beta = 1):
-  // no separate pass adds the adapter to the base output. y is allocated in its final shape so
-  // the result is not a view.
+  const at::Tensor blk = block.contiguous();
+  if (block.scalar_type() != x.scalar_type()) {
+    // Mixed precision, PEFT's rounding: the base output rounded in x's dtype (nn.Linear's own
+    // GEMM, so the same bits), plus the term in the block's precision, rounded once.
+    at::Tensor y = at::linear(x, weight, b).contiguous();
+    at::Tensor y2 = y.view({n, out_f});
+    // In place on the CPU (each element is read, then written); CUDA's kernels take restrict
+    // pointers, so there the sum goes to a new tensor.
+    at::Tensor out = x.is_cuda() ? at::empty_like(y) : y;
+    at::Tensor out2 = out.view({n, out_f});
+    if (n > 0 && out_f > 0) {
+      if (m == out_f) {
+        MISS_EXT_ON_DEVICE(x, miss_add_product, y2, s2, blk, out2);
+      } else {
+        MISS_EXT_ON_DEVICE(x, tile, at::mm(s2, blk), y2, DropoutArgs{}, out2);
+      }
+    }
+    return {out, s};
+  }
+  // Equal dtypes: the adapter term (and the bias) first, then the frozen GEMM accumulates into
+  // it (beta = 1): no separate pass adds the adapter to the base output. y is allocated in its
+  // final shape so the result is not a view.
   at::Tensor y = at::empty(with_last(x, out_f), x.options());
   at::Tensor y2 = y.view({n, out_f});
   if (m == out_f) {
-    at::mm_out(y2, s2, block);
+    at::mm_out(y2, s2, blk);
   } else if (n > 0 && out_f > 0) {
-    MISS_EXT_ON_DEVICE(x, tile, at::mm(s2, block), at::Tensor(), DropoutArgs{}, y2);
+    MISS_EXT_ON_DEVICE(x, tile, at::mm(s2, blk), at::Tensor(), DropoutArgs{}, y2);
   }
-  if (const auto b = checked_bias(op, x, bias, out_f)) y2.add_(*b);
+  if (b.has_value()) y2.add_(*b);
   y2.addmm_(x2, weight.t());
   return {y, s};
+}
+
+at::Tensor miss_add_product(const at::Tensor& base, const at::Tensor& s, const at::Tensor& block) {
+  MISS_EXT_NO_AUTOCAST;
+  const char* op = "miss_add_product";
+  check_float(op, "base", base);
+  check_float(op, "s", s);
+  check_float(op, "block", block);
+  check_same_device(op, "base", base, "s", s);
+  check_same_device(op, "base", base, "block", block);
+  check_same_dtype(op, "s", s, "block", block);
+  check_block_holds(op, "base", base, block);
+  check_dim(op, "block", block, 2, "(r, out_features)");
+  TORCH_CHECK(base.dim() >= 1 && base.dim() == s.dim() &&
+                  base.sizes().slice(0, base.dim() - 1) == s.sizes().slice(0, s.dim() - 1),
+              "miss_ext.", op, ": arguments 'base' ", base.sizes(), " and 's' ", s.sizes(),
+              " must have the same leading dimensions");
+  TORCH_CHECK(s.size(-1) == block.size(0) && base.size(-1) == block.size(1), "miss_ext.", op,
+              ": argument 'block' must have shape (s.shape[-1], base.shape[-1]) = (", s.size(-1),
+              ", ", base.size(-1), ") (got ", block.sizes(), ")");
+  const at::Tensor b2 = as_rows(base).contiguous(), s2 = as_rows(s).contiguous();
+  at::Tensor out = at::empty(base.sizes(), base.options());
+  at::Tensor out2 = out.view({b2.size(0), b2.size(1)});
+  if (out.numel() > 0) {
+    MISS_EXT_ON_DEVICE(base, miss_add_product, b2, s2, block.contiguous(), out2);
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> miss_block_grads(const at::Tensor& grad, const at::Tensor& s,
+                                                    const at::Tensor& block) {
+  MISS_EXT_NO_AUTOCAST;
+  const char* op = "miss_block_grads";
+  check_float(op, "grad", grad);
+  check_float(op, "s", s);
+  check_float(op, "block", block);
+  check_same_device(op, "grad", grad, "s", s);
+  check_same_device(op, "grad", grad, "block", block);
+  check_same_dtype(op, "s", s, "block", block);
+  check_block_holds(op, "grad", grad, block);
+  check_dim(op, "block", block, 2, "(r, out_features)");
+  TORCH_CHECK(grad.dim() >= 1 && grad.dim() == s.dim() &&
+                  grad.sizes().slice(0, grad.dim() - 1) == s.sizes().slice(0, s.dim() - 1),
+              "miss_ext.", op, ": arguments 'grad' ", grad.sizes(), " and 's' ", s.sizes(),
+              " must have the same leading dimensions");
+  TORCH_CHECK(s.size(-1) == block.size(0) && grad.size(-1) == block.size(1), "miss_ext.", op,
+              ": argument 'block' must have shape (s.shape[-1], grad.shape[-1]) = (", s.size(-1),
+              ", ", grad.size(-1), ") (got ", block.sizes(), ")");
+  const at::Tensor g2 = as_rows(grad).contiguous(), s2 = as_rows(s).contiguous();
+  at::Tensor grad_block = at::zeros(block.sizes(), block.options());
+  at::Tensor grad_s = at::empty(s.sizes(), s.options());
+  if (g2.size(0) > 0 && grad.size(-1) > 0) {
+    at::Tensor gs2 = grad_s.view({g2.size(0), s.size(-1)});
+    MISS_EXT_ON_DEVICE(grad, miss_block_grads, g2, s2, block.contiguous(), grad_block, gs2);
+  } else {
+    grad_s.zero_();
+  }
+  return {grad_block, grad_s};
 }
 
 at::Tensor miss_merge(const at::Tensor& weight, const at::Tensor& block, double alpha) {

@@ -10,12 +10,17 @@
 
 namespace miss_ext {
 
-at::Tensor blocksum(const at::Tensor& x, int64_t r);
-at::Tensor blocksum_dropout(const at::Tensor& x, int64_t r, double p, const at::Tensor& seed);
-at::Tensor tile(const at::Tensor& s, int64_t features);
-at::Tensor tile_dropout(const at::Tensor& s, int64_t features, double p, const at::Tensor& seed);
+at::Tensor blocksum(const at::Tensor& x, int64_t r, std::optional<at::ScalarType> dtype);
+at::Tensor blocksum_dropout(const at::Tensor& x, int64_t r, double p, const at::Tensor& seed,
+                            std::optional<at::ScalarType> dtype);
+at::Tensor tile(const at::Tensor& s, int64_t features, std::optional<at::ScalarType> dtype);
+at::Tensor tile_dropout(const at::Tensor& s, int64_t features, double p, const at::Tensor& seed,
+                        std::optional<at::ScalarType> dtype);
 at::Tensor tile_add(const at::Tensor& base, const at::Tensor& s);
-at::Tensor bat_transform(const at::Tensor& weight, const at::Tensor& block);
+at::Tensor bat_transform(const at::Tensor& weight, const at::Tensor& block,
+                         std::optional<at::ScalarType> dtype);
+at::Tensor bat_io_block_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                             int64_t r, std::optional<at::ScalarType> dtype);
 at::Tensor bat_block_grad(const at::Tensor& grad, const at::Tensor& weight, int64_t r);
 at::Tensor bat_weight_grad(const at::Tensor& grad, const at::Tensor& block);
 at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight,
@@ -25,6 +30,9 @@ std::tuple<at::Tensor, at::Tensor> miss_linear(const at::Tensor& x, const at::Te
                                                const std::optional<at::Tensor>& bias,
                                                const at::Tensor& block, double p,
                                                const std::optional<at::Tensor>& seed);
+at::Tensor miss_add_product(const at::Tensor& base, const at::Tensor& s, const at::Tensor& block);
+std::tuple<at::Tensor, at::Tensor> miss_block_grads(const at::Tensor& grad, const at::Tensor& s,
+                                                    const at::Tensor& block);
 at::Tensor miss_merge(const at::Tensor& weight, const at::Tensor& block, double alpha);
 
 }  // namespace miss_ext

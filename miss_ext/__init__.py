@@ -1,7 +1,9 @@
 """miss_ext: compiled CPU and CUDA kernels for MiSS (Matrix Shard Sharing) fine-tuning.
 
 ``import miss_ext`` loads the operators into ``torch.ops.miss_ext`` and gives
-``miss_ext.MissLinear`` and ``miss_ext.functional``; PEFT is never imported here.
+``miss_ext.MissLinear``, ``miss_ext.functional``, ``miss_ext.inject`` and the whole-model
+operations (merge and unload, save and load in PEFT's format, adapter switching); PEFT is
+never imported here (``miss_ext.peft`` loads on first use).
 """
 
 from ._load import load_core as _load_core
@@ -11,7 +13,22 @@ _C = _load_core()
 from . import _ops  # noqa: E402,F401  (fake kernels and autograd of torch.ops.miss_ext)
 from . import functional, reference  # noqa: E402,F401
 from .layer import MissLinear  # noqa: E402
-from .inject import inject, print_trainable_parameters  # noqa: E402
+from .inject import (  # noqa: E402
+    adapters_disabled,
+    inject,
+    print_trainable_parameters,
+    reset_adapter_parameters,
+    set_adapter,
+    to_injected_state_dict,
+)
+from .model import (  # noqa: E402
+    load_adapter,
+    merge_adapters,
+    merge_and_unload,
+    save_adapter,
+    unload,
+    unmerge_adapters,
+)
 
 __version__ = "0.1.0"
 
@@ -30,12 +47,26 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__():
+    return sorted(set(globals()) | {"peft"})
+
+
 __all__ = [
     "MissLinear",
     "functional",
     "reference",
     "inject",
     "print_trainable_parameters",
+    "reset_adapter_parameters",
+    "to_injected_state_dict",
+    "set_adapter",
+    "adapters_disabled",
+    "merge_adapters",
+    "unmerge_adapters",
+    "merge_and_unload",
+    "unload",
+    "save_adapter",
+    "load_adapter",
     "build_info",
     "__version__",
 ]

@@ -2,7 +2,7 @@
 
 Every backward is built from registered operators only (ours and aten's), so
 torch.compile(fullgraph=True) traces forward and backward without a graph break.
-Formulas: ../shared/SPEC.md sections 1-4 and 6.
+Formulas: docs/MATH.md sections 1-4, 6 and 9.
 """
 
 import torch
@@ -72,6 +72,45 @@ def _check_dropout(op, p, seed):
     )
 
 
+_WIDER = {torch.bfloat16: (torch.float32, torch.float64), torch.float16: (torch.float32, torch.float64),
+          torch.float32: (torch.float64,), torch.float64: ()}
+
+
+def holds(narrow, wide):
+    """Whether dtype ``wide`` holds every value of ``narrow`` (csrc/ops_front.cpp ``holds``)."""
+    return wide == narrow or wide in _WIDER.get(narrow, ())
+
+
+def _widened(op, from_name, from_dtype, dtype):
+    if dtype is None:
+        return from_dtype
+    torch._check(
+        holds(from_dtype, dtype),
+        lambda: f"miss_ext.{op}: argument 'dtype' ({dtype}) must be {from_name}'s dtype ({from_dtype}) or a "
+        f"wider float (float32 or float64) that holds it",
+    )
+    return dtype
+
+
+def _narrowed(op, s, dtype):
+    if dtype is None:
+        return s.dtype
+    torch._check(
+        dtype in _FLOATS and holds(dtype, s.dtype),
+        lambda: f"miss_ext.{op}: argument 'dtype' ({dtype}) must be s's dtype ({s.dtype}) or a narrower float "
+        "that s's dtype holds (the tiled term is rounded once to it)",
+    )
+    return dtype
+
+
+def _check_holds(op, x_name, x, block):
+    torch._check(
+        holds(x.dtype, block.dtype),
+        lambda: f"miss_ext.{op}: argument 'block' ({block.dtype}) must have {x_name}'s dtype ({x.dtype}) or a "
+        "wider float that holds it (a float32 block on a bfloat16 base is the mixed-precision layer); cast one of them",
+    )
+
+
 def _check_bias(op, bias, out_f):
     """The optional bias of a linear op (csrc/ops_front.cpp checked_bias)."""
     if bias is None:
@@ -102,41 +141,45 @@ def _check_bat(op, weight_name, weight, block):
     return r
 
 
-def _blocksum_fake(op, x, r):
+def _blocksum_fake(op, x, r, dtype=None):
     _check_float(op, "x", x)
+    out_dtype = _widened(op, "x", x.dtype, dtype)
     _check_features_last(op, "x", x, "features")
     _check_rank(op, "r", r)
-    return x.new_empty((*x.shape[:-1], r))
+    return x.new_empty((*x.shape[:-1], r), dtype=out_dtype)
 
 
-def _tile_fake(op, s, features):
+def _tile_fake(op, s, features, dtype=None):
     _check_float(op, "s", s)
+    out_dtype = _narrowed(op, s, dtype)
     _check_features_last(op, "s", s, "block")
     torch._check(s.shape[-1] > 0, lambda: f"miss_ext.{op}: argument 's' must have a non-empty last dimension (the block size r)")
     torch._check(features >= 0, lambda: f"miss_ext.{op}: argument 'features' must be >= 0 (got {features})")
-    return s.new_empty((*s.shape[:-1], features))
+    return s.new_empty((*s.shape[:-1], features), dtype=out_dtype)
 
 
 @torch.library.register_fake(_LIB + "blocksum")
-def _(x, r):
-    return _blocksum_fake("blocksum", x, r)
+def _(x, r, dtype=None):
+    return _blocksum_fake("blocksum", x, r, dtype)
 
 
 @torch.library.register_fake(_LIB + "blocksum_dropout")
-def _(x, r, p, seed):
+def _(x, r, p, seed, dtype=None):
+    _check_float("blocksum_dropout", "x", x)
     _check_dropout("blocksum_dropout", p, seed)
-    return _blocksum_fake("blocksum_dropout", x, r)
+    return _blocksum_fake("blocksum_dropout", x, r, dtype)
 
 
 @torch.library.register_fake(_LIB + "tile")
-def _(s, features):
-    return _tile_fake("tile", s, features)
+def _(s, features, dtype=None):
+    return _tile_fake("tile", s, features, dtype)
 
 
 @torch.library.register_fake(_LIB + "tile_dropout")
-def _(s, features, p, seed):
+def _(s, features, p, seed, dtype=None):
+    _check_float("tile_dropout", "s", s)
     _check_dropout("tile_dropout", p, seed)
-    return _tile_fake("tile_dropout", s, features)
+    return _tile_fake("tile_dropout", s, features, dtype)
 
 
 @torch.library.register_fake(_LIB + "tile_add")
@@ -145,7 +188,11 @@ def _(base, s):
     _check_float(op, "base", base)
     _check_float(op, "s", s)
     _same_device(op, base=base, s=s)
-    _same_dtype(op, "base", base, "s", s)
+    torch._check(
+        holds(base.dtype, s.dtype),
+        lambda: f"miss_ext.{op}: argument 's' ({s.dtype}) must have base's dtype ({base.dtype}) or a wider float "
+        "that holds it (the sum is rounded once to base's dtype)",
+    )
     torch._check(
         base.dim() >= 1 and base.dim() == s.dim() and base.shape[:-1] == s.shape[:-1],
         lambda: f"miss_ext.{op}: arguments 'base' {tuple(base.shape)} and 's' {tuple(s.shape)} must have the same leading dimensions (only the last may differ)",
@@ -155,9 +202,31 @@ def _(base, s):
 
 
 @torch.library.register_fake(_LIB + "bat_transform")
-def _(weight, block):
+def _(weight, block, dtype=None):
     _check_bat("bat_transform", "weight", weight, block)
-    return weight.new_empty(weight.shape, dtype=block.dtype)
+    torch._check(dtype is None or dtype in _FLOATS, lambda: f"miss_ext.bat_transform: argument 'dtype' must be float32, float64, bfloat16 or float16 (got {dtype})")
+    return weight.new_empty(weight.shape, dtype=dtype or block.dtype)
+
+
+@torch.library.register_fake(_LIB + "bat_io_block_grad")
+def _(grad, x, weight, r, dtype=None):
+    op = "bat_io_block_grad"
+    for name, t in (("grad", grad), ("x", x), ("weight", weight)):
+        _check_float(op, name, t)
+    _same_device(op, grad=grad, x=x, weight=weight)
+    _same_dtype(op, "grad", grad, "x", x)
+    _check_dim(op, "weight", weight, 2, "(out_features, in_features)")
+    _check_rank(op, "r", r)
+    out_f, in_f = weight.shape
+    torch._check(out_f % r == 0 and in_f % r == 0, lambda: f"miss_ext.{op}: BAT needs in_features and out_features divisible by r (got weight shape {tuple(weight.shape)}, r = {r})")
+    torch._check(grad.dim() >= 1 and grad.shape[-1] == out_f, lambda: f"miss_ext.{op}: argument 'grad' must end in out_features = {out_f} (got shape {tuple(grad.shape)})")
+    torch._check(
+        x.dim() == grad.dim() and x.shape[-1] == in_f and x.shape[:-1] == grad.shape[:-1],
+        lambda: f"miss_ext.{op}: argument 'x' must have grad's leading dimensions and end in in_features = {in_f} (got x {tuple(x.shape)}, grad {tuple(grad.shape)})",
+    )
+    acc = dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    torch._check(acc in (torch.float32, torch.float64) and holds(x.dtype, acc), lambda: f"miss_ext.{op}: argument 'dtype' (the accumulation dtype) must be float32 or float64 and hold x's dtype (got {acc} for x of {x.dtype})")
+    return grad.new_empty((out_f // r, r, r), dtype=acc)
 
 
 @torch.library.register_fake(_LIB + "bat_block_grad")
@@ -192,8 +261,12 @@ def _(x, weight, bias, blocks):
         lambda: f"miss_ext.{op}: argument 'x' must end in in_features = {weight.shape[1]} (got shape {tuple(x.shape)})",
     )
     for b in blocks:
-        _same_dtype(op, "x", x, "blocks[i]", b)
         _check_bat(op, "weight", weight, b)
+        torch._check(
+            holds(x.dtype, b.dtype),
+            lambda: f"miss_ext.{op}: every block (got {b.dtype}) must have x's dtype ({x.dtype}) or a wider float that "
+            "holds it (mixed precision: W' is formed in the block's precision and rounded once to x's dtype); cast x or the blocks",
+        )
     _check_bias(op, bias, weight.shape[0])
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
@@ -213,7 +286,7 @@ def _(x, weight, bias, block, p, seed):
     _check_dim(op, "block", block, 2, "(r, out_features) or, for mini, (r, mini_r)")
     _same_device(op, x=x, weight=weight, block=block, bias=bias)
     _same_dtype(op, "x", x, "weight", weight)
-    _same_dtype(op, "x", x, "block", block)
+    _check_holds(op, "x", x, block)
     out_f, in_f = weight.shape
     r, m = block.shape
     torch._check(x.dim() >= 1 and x.shape[-1] == in_f, lambda: f"miss_ext.{op}: argument 'x' must end in in_features = {in_f} (got shape {tuple(x.shape)})")
@@ -223,7 +296,36 @@ def _(x, weight, bias, block, p, seed):
         torch._check(seed is not None, lambda: f"miss_ext.{op}: argument 'seed' is required when p > 0")
         _check_dropout(op, p, seed)
     _check_bias(op, bias, out_f)
-    return x.new_empty((*x.shape[:-1], out_f)), x.new_empty((*x.shape[:-1], r))
+    return x.new_empty((*x.shape[:-1], out_f)), x.new_empty((*x.shape[:-1], r), dtype=block.dtype)
+
+
+def _check_product(op, a_name, a, s, block):
+    for name, t in ((a_name, a), ("s", s), ("block", block)):
+        _check_float(op, name, t)
+    _same_device(op, **{a_name: a, "s": s, "block": block})
+    _same_dtype(op, "s", s, "block", block)
+    _check_holds(op, a_name, a, block)
+    _check_dim(op, "block", block, 2, "(r, out_features)")
+    torch._check(
+        a.dim() >= 1 and a.dim() == s.dim() and a.shape[:-1] == s.shape[:-1],
+        lambda: f"miss_ext.{op}: arguments '{a_name}' {tuple(a.shape)} and 's' {tuple(s.shape)} must have the same leading dimensions",
+    )
+    torch._check(
+        s.shape[-1] == block.shape[0] and a.shape[-1] == block.shape[1],
+        lambda: f"miss_ext.{op}: argument 'block' must have shape (s.shape[-1], {a_name}.shape[-1]) = ({s.shape[-1]}, {a.shape[-1]}) (got {tuple(block.shape)})",
+    )
+
+
+@torch.library.register_fake(_LIB + "miss_add_product")
+def _(base, s, block):
+    _check_product("miss_add_product", "base", base, s, block)
+    return base.new_empty(base.shape)
+
+
+@torch.library.register_fake(_LIB + "miss_block_grads")
+def _(grad, s, block):
+    _check_product("miss_block_grads", "grad", grad, s, block)
+    return block.new_empty(block.shape), s.new_empty(s.shape)
 
 
 @torch.library.register_fake(_LIB + "miss_merge")
@@ -247,25 +349,26 @@ def _(weight, block, alpha):
 
 
 def _blocksum_setup(ctx, inputs, output):
-    ctx.features = inputs[0].shape[-1]
+    ctx.features, ctx.x_dtype = inputs[0].shape[-1], inputs[0].dtype
 
 
 def _blocksum_backward(ctx, grad):
-    return ops.tile(grad, ctx.features), None
+    # The tiled gradient is rounded to x's dtype, as a cast of x to the wider dtype would do.
+    return ops.tile(grad, ctx.features, ctx.x_dtype), None, None
 
 
 torch.library.register_autograd(_LIB + "blocksum", _blocksum_backward, setup_context=_blocksum_setup)
 
 
 def _blocksum_dropout_setup(ctx, inputs, output):
-    x, _, p, seed = inputs
-    ctx.features, ctx.p = x.shape[-1], p
+    x, _, p, seed = inputs[:4]
+    ctx.features, ctx.p, ctx.x_dtype = x.shape[-1], p, x.dtype
     ctx.save_for_backward(seed)
 
 
 def _blocksum_dropout_backward(ctx, grad):
     (seed,) = ctx.saved_tensors
-    return ops.tile_dropout(grad, ctx.features, ctx.p, seed), None, None, None
+    return ops.tile_dropout(grad, ctx.features, ctx.p, seed, ctx.x_dtype), None, None, None, None
 
 
 torch.library.register_autograd(
@@ -274,26 +377,26 @@ torch.library.register_autograd(
 
 
 def _tile_setup(ctx, inputs, output):
-    ctx.r = inputs[0].shape[-1]
+    ctx.r, ctx.s_dtype = inputs[0].shape[-1], inputs[0].dtype
 
 
 def _tile_backward(ctx, grad):
     # tile cuts its repeats to `features` columns; zero-padded blocksum is exactly its adjoint.
-    return ops.blocksum(grad, ctx.r), None
+    return ops.blocksum(grad, ctx.r, ctx.s_dtype), None, None
 
 
 torch.library.register_autograd(_LIB + "tile", _tile_backward, setup_context=_tile_setup)
 
 
 def _tile_dropout_setup(ctx, inputs, output):
-    s, _, p, seed = inputs
-    ctx.r, ctx.p = s.shape[-1], p
+    s, _, p, seed = inputs[:4]
+    ctx.r, ctx.p, ctx.s_dtype = s.shape[-1], p, s.dtype
     ctx.save_for_backward(seed)
 
 
 def _tile_dropout_backward(ctx, grad):
     (seed,) = ctx.saved_tensors
-    return ops.blocksum_dropout(grad, ctx.r, ctx.p, seed), None, None, None
+    return ops.blocksum_dropout(grad, ctx.r, ctx.p, seed, ctx.s_dtype), None, None, None, None
 
 
 torch.library.register_autograd(
@@ -301,15 +404,16 @@ torch.library.register_autograd(
 )
 
 
+def _tile_add_setup(ctx, inputs, output):
+    ctx.r, ctx.s_dtype = inputs[1].shape[-1], inputs[1].dtype
+
+
 def _tile_add_backward(ctx, grad):
-    grad_s = ops.blocksum(grad, ctx.r) if _needs(ctx, 1) else None
+    grad_s = ops.blocksum(grad, ctx.r, ctx.s_dtype) if _needs(ctx, 1) else None
     return grad, grad_s
 
 
-torch.library.register_autograd(
-    _LIB + "tile_add", _tile_add_backward,
-    setup_context=lambda ctx, inputs, output: setattr(ctx, "r", inputs[1].shape[-1]),
-)
+torch.library.register_autograd(_LIB + "tile_add", _tile_add_backward, setup_context=_tile_add_setup)
 
 
 # ---------------------------------------------------------------- BAT
@@ -321,18 +425,22 @@ def _slabs(t, r):
 
 
 def _bat_transform_setup(ctx, inputs, output):
-    weight, block = inputs
+    weight, block = inputs[:2]
     ctx.save_for_backward(weight, block)
 
 
 def _bat_transform_backward(ctx, grad):
+    # The transform runs in the block's dtype (the weight read as stored, or cast to a half-type
+    # block), so its gradients do too; the rounding to the output dtype passes gradients as is.
     weight, block = ctx.saved_tensors
+    acc = block.dtype
+    g = grad.to(acc)
     grad_w = grad_b = None
     if _needs(ctx, 1):
-        grad_b = ops.bat_block_grad(grad, weight, block.shape[1])
+        grad_b = ops.bat_block_grad(g, weight.to(acc), block.shape[1])
     if _needs(ctx, 0):
-        grad_w = ops.bat_weight_grad(grad, block).to(weight.dtype)
-    return grad_w, grad_b
+        grad_w = ops.bat_weight_grad(g, block).to(weight.dtype)
+    return grad_w, grad_b, None
 
 
 torch.library.register_autograd(
@@ -366,6 +474,38 @@ torch.library.register_autograd(
 )
 
 
+def _bat_io_block_grad_setup(ctx, inputs, output):
+    grad, x, weight, r = inputs[:4]
+    ctx.r = r
+    ctx.save_for_backward(grad, x, weight)
+
+
+def _bat_io_block_grad_backward(ctx, up):
+    # out_i = sum_j (W_ij + I)^T G_i^T x_j. With M_ij = (W_ij + I) U_i, i.e. M = T(W, U) - W:
+    # dG = x M^T, dx = G M, dW_ij = Gw_ij U_i^T = bat_weight_grad(Gw, U) - Gw, Gw = G^T x.
+    grad, x, weight = ctx.saved_tensors
+    acc = up.dtype
+    g2 = grad.reshape(-1, grad.shape[-1]).to(acc)
+    x2 = x.reshape(-1, x.shape[-1]).to(acc)
+    w = weight.to(acc)
+    d_grad = d_x = d_weight = None
+    if _needs(ctx, 0) or _needs(ctx, 1):
+        m = ops.bat_transform(w, up) - w
+        if _needs(ctx, 0):
+            d_grad = (x2 @ m.t()).reshape(grad.shape).to(grad.dtype)
+        if _needs(ctx, 1):
+            d_x = (g2 @ m).reshape(x.shape).to(x.dtype)
+    if _needs(ctx, 2):
+        gw = g2.t() @ x2
+        d_weight = (ops.bat_weight_grad(gw, up) - gw).to(weight.dtype)
+    return d_grad, d_x, d_weight, None, None
+
+
+torch.library.register_autograd(
+    _LIB + "bat_io_block_grad", _bat_io_block_grad_backward, setup_context=_bat_io_block_grad_setup
+)
+
+
 def _bat_weight_grad_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
@@ -391,10 +531,14 @@ torch.library.register_autograd(
 def _bat_linear_setup(ctx, inputs, output):
     x, weight, bias, blocks = inputs
     # Only the inputs are kept: W' is recomputed in backward, so nothing weight-sized is saved
-    # beyond the weight itself (SPEC section 3).
+    # beyond the weight itself (docs/MATH.md section 3).
     ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.n_blocks = len(blocks)
     ctx.save_for_backward(x, weight, *blocks)
+
+
+def _acc_dtype(x, blocks):
+    """The precision of BAT's block gradients: float64 when x or a block is, else float32."""
+    return torch.float64 if torch.float64 in (x.dtype, *(b.dtype for b in blocks)) else torch.float32
 
 
 def _bat_linear_backward(ctx, grad):
@@ -403,24 +547,35 @@ def _bat_linear_backward(ctx, grad):
     needs_blocks = ctx.needs_input_grad[3]
     if isinstance(needs_blocks, bool):
         needs_blocks = [needs_blocks] * len(blocks)
-    # Weights before each transform: W_0 = weight, W_{k+1} = T(W_k, B_k).
-    chain = [weight]
-    for b in blocks:
-        chain.append(ops.bat_transform(chain[-1], b))
     g2 = grad.reshape(-1, grad.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    last = len(blocks) - 1
     grad_x = grad_w = grad_bias = None
-    if needs_x:
-        grad_x = (g2 @ chain[-1]).reshape(x.shape)
     grad_blocks = [None] * len(blocks)
+    if needs_x:
+        w_final = weight  # recomputed as in forward: the last transform rounds to x's dtype
+        for k, b in enumerate(blocks):
+            w_final = ops.bat_transform(w_final, b, x.dtype if k == last else None)
+        grad_x = (g2 @ w_final).reshape(x.shape)
     if needs_w or any(needs_blocks):
-        gw = g2.t() @ x.reshape(-1, x.shape[-1])  # dL/dW' of the last transform
-        for k in range(len(blocks) - 1, -1, -1):
-            if needs_blocks[k]:
-                grad_blocks[k] = ops.bat_block_grad(gw, chain[k], blocks[k].shape[1])
-            if k > 0 or needs_w:
-                gw = ops.bat_weight_grad(gw, blocks[k])
-        if needs_w:
-            grad_w = gw.to(weight.dtype)
+        acc = _acc_dtype(x, blocks)
+        if len(blocks) == 1 and not needs_w:
+            # One adapter (the usual case): dL/dB from G and x in fp32, Gw never formed.
+            grad_blocks[0] = ops.bat_io_block_grad(g2, x2, weight, blocks[0].shape[1], acc).to(blocks[0].dtype)
+        else:
+            # Chains and a trainable base: Gw = dL/dW' in the blocks' precision, taken back
+            # through each transform. Weights before each transform: W_0 = weight, W_{k+1} = T(W_k, B_k).
+            chain = [weight]
+            for b in blocks[:-1]:
+                chain.append(ops.bat_transform(chain[-1], b))
+            gw = g2.to(acc).t() @ x2.to(acc)
+            for k in range(last, -1, -1):
+                if needs_blocks[k]:
+                    grad_blocks[k] = ops.bat_block_grad(gw, chain[k].to(acc), blocks[k].shape[1]).to(blocks[k].dtype)
+                if k > 0 or needs_w:
+                    gw = ops.bat_weight_grad(gw, blocks[k].to(acc))
+            if needs_w:
+                grad_w = gw.to(weight.dtype)
     if needs_bias:
         grad_bias = g2.sum(0).to(ctx.bias_dtype)
     return grad_x, grad_w, grad_bias, grad_blocks
@@ -474,19 +629,32 @@ def _miss_linear_backward(ctx, grad_y, grad_s):
     out_f = weight.shape[0]
     g2 = grad_y.reshape(-1, out_f)
     s2 = s.reshape(-1, r)
-    # mini: the output tiles share Dm, so their gradients sum first (the same block-sum kernel).
-    gs = g2 if m == out_f else ops.blocksum(g2, m)
-    grad_x = grad_w = grad_bias = grad_block = None
-    if ctx.needs_input_grad[3]:
-        grad_block = s2.t() @ gs
-    if ctx.needs_input_grad[0]:
-        d_s = gs @ block.t()
+    mixed = block.dtype != weight.dtype  # a float32 block on a half-type base (x has weight's dtype)
+    need_x, need_block = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+    grad_x = grad_w = grad_bias = grad_block = d_s = None
+    if need_x or need_block:
+        if mixed and m == out_f:
+            # One pass over G gives both products in the block's precision.
+            grad_block, d_s = ops.miss_block_grads(g2, s2, block)
+        else:
+            # mini: the output tiles share Dm, so their gradients sum first (the same block-sum
+            # kernel, into the block's precision).
+            gs = g2 if m == out_f else ops.blocksum(g2, m, block.dtype)
+            if need_block:
+                grad_block = s2.t() @ gs
+            if need_x:
+                d_s = gs @ block.t()
+    if need_x:
         if grad_s is not None:
             d_s = d_s + grad_s.reshape(-1, r)
-        if ctx.p == 0 and g2.dtype in (torch.bfloat16, torch.float16):
-            # Measured on CPU (oneDNN): a half-type GEMM with beta = 1 costs more than a plain
-            # GEMM followed by one fused pass that adds the tiled term.
-            grad_x = ops.tile_add(g2 @ weight, d_s)
+        half = g2.dtype in (torch.bfloat16, torch.float16)
+        if ctx.p == 0 and (mixed or half):
+            # Mixed: PEFT's rounding, the block-precision term rounded to x's dtype, then added to
+            # the frozen GEMM's gradient. Equal half types: measured on CPU (oneDNN), a half-type
+            # GEMM with beta = 1 costs more than a plain GEMM plus one fused pass.
+            grad_x = ops.tile_add(g2 @ weight, d_s.to(g2.dtype))
+        elif mixed:
+            grad_x = g2 @ weight + ops.tile_dropout(d_s, ctx.in_features, ctx.p, seed, g2.dtype)
         else:
             if ctx.p > 0:
                 dx = ops.tile_dropout(d_s, ctx.in_features, ctx.p, seed)
@@ -495,6 +663,8 @@ def _miss_linear_backward(ctx, grad_y, grad_s):
             # The frozen GEMM accumulates into the adapter's input gradient (beta = 1).
             grad_x = torch.addmm(dx, g2, weight)
         grad_x = grad_x.reshape(*grad_y.shape[:-1], ctx.in_features)
+    if not need_block:
+        grad_block = None
     if ctx.needs_input_grad[1]:
         grad_w = g2.t() @ x.reshape(-1, ctx.in_features)
     if ctx.needs_input_grad[2]:
@@ -504,6 +674,55 @@ def _miss_linear_backward(ctx, grad_y, grad_s):
 
 torch.library.register_autograd(
     _LIB + "miss_linear", _miss_linear_backward, setup_context=_miss_linear_setup
+)
+
+
+def _miss_add_product_setup(ctx, inputs, output):
+    base, s, block = inputs
+    ctx.save_for_backward(s, block)
+
+
+def _miss_add_product_backward(ctx, up):
+    s, block = ctx.saved_tensors
+    grad_block = grad_s = None
+    if _needs(ctx, 1) or _needs(ctx, 2):
+        grad_block, grad_s = ops.miss_block_grads(up, s, block)
+    return (up if _needs(ctx, 0) else None), grad_s, grad_block
+
+
+torch.library.register_autograd(
+    _LIB + "miss_add_product", _miss_add_product_backward, setup_context=_miss_add_product_setup
+)
+
+
+def _miss_block_grads_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _miss_block_grads_backward(ctx, up_block, up_s):
+    # (gb, gs) = (s^T G, G D^T): dG = s U_b + U_s D, ds = G U_b^T, dD = U_s^T G.
+    grad, s, block = ctx.saved_tensors
+    acc = block.dtype
+    g2 = grad.reshape(-1, grad.shape[-1]).to(acc)
+    s2 = s.reshape(-1, s.shape[-1])
+    us = up_s.reshape(-1, s.shape[-1]) if up_s is not None else None
+    d_grad = d_s = d_block = None
+    if _needs(ctx, 0):
+        d = torch.zeros_like(g2)
+        if up_block is not None:
+            d = d + s2 @ up_block
+        if us is not None:
+            d = d + us @ block
+        d_grad = d.reshape(grad.shape).to(grad.dtype)
+    if _needs(ctx, 1):
+        d_s = (g2 @ up_block.t()).reshape(s.shape) if up_block is not None else torch.zeros_like(s)
+    if _needs(ctx, 2):
+        d_block = us.t() @ g2 if us is not None else torch.zeros_like(block)
+    return d_grad, d_s, d_block
+
+
+torch.library.register_autograd(
+    _LIB + "miss_block_grads", _miss_block_grads_backward, setup_context=_miss_block_grads_setup
 )
 
 

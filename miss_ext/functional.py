@@ -2,7 +2,7 @@
 
 Shapes: ``x`` is ``(..., in_features)``; ``base_out`` is the frozen layer's output
 ``(..., out_features)``. Every function is autograd- and torch.compile-friendly (each call is
-a registered operator or an aten op). The math is ../shared/SPEC.md.
+a registered operator or an aten op). The math is docs/MATH.md.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+
+from . import _ops
 
 ops = torch.ops.miss_ext
 
@@ -40,22 +42,36 @@ def blocksum(
     dropout_p: float = 0.0,
     training: bool = True,
     seed: Optional[torch.Tensor] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """``S[..., c] = sum_j dropout(x)[..., j*r + c]`` with ``x`` zero-padded to a multiple of r.
 
     Dropout (when ``training`` and ``dropout_p > 0``) is fused: its mask is a function of
-    ``seed`` and the element index, regenerated in backward instead of stored.
+    ``seed`` and the element index, regenerated in backward instead of stored. ``dtype`` (x's
+    dtype by default) may be a wider float: a bfloat16 ``x`` is then summed straight into
+    float32, never copied.
     """
     if training and dropout_p > 0.0:
         if seed is None:
             seed = dropout_seed()
-        return ops.blocksum_dropout(x, r, float(dropout_p), seed)
-    return ops.blocksum(x, r)
+        return ops.blocksum_dropout(x, r, float(dropout_p), seed, dtype)
+    return ops.blocksum(x, r, dtype)
 
 
-def tile(s: torch.Tensor, features: int) -> torch.Tensor:
-    """``out[..., k] = s[..., k % r]`` for ``k < features``: the adjoint of :func:`blocksum`."""
-    return ops.tile(s, features)
+def tile(s: torch.Tensor, features: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``out[..., k] = s[..., k % r]`` for ``k < features``: the adjoint of :func:`blocksum`;
+    ``dtype`` (s's by default) may be narrower, the values rounded once to it."""
+    return ops.tile(s, features, dtype)
+
+
+def _block_precision(x: torch.Tensor, block: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype the block sum of ``x`` is taken in: the block's, when it holds x's (a bfloat16
+    x with a float32 block: the mixed-precision layer), else x's own (the caller promotes)."""
+    return block.dtype if _ops.holds(x.dtype, block.dtype) else None
+
+
+def _autocast_on(t: torch.Tensor) -> bool:
+    return t.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(t.device.type)
 
 
 def miss_forward(
@@ -68,15 +84,22 @@ def miss_forward(
 ) -> torch.Tensor:
     """Standard MiSS: ``base_out + blocksum_r(dropout(x)) @ block`` with ``block`` ``(r, out)``.
 
-    ``x`` must have ``block``'s dtype. When ``base_out`` has another dtype the sum is promoted
-    as PEFT does (cast the result back yourself)."""
+    Mixed precision (docs/MATH.md): with a float32 ``block`` and a bfloat16/float16 ``x`` and
+    ``base_out``, the block sum and the product are taken in float32 and the sum rounded once to
+    ``base_out``'s dtype, which is PEFT's result after its final cast. Under autocast the product
+    runs in the autocast dtype, as PEFT's does. Other dtype pairs are promoted as in PEFT (cast
+    the result back yourself)."""
     r, out_features = block.shape
-    s = blocksum(x, r, dropout_p, training, seed)
+    s = blocksum(x, r, dropout_p, training, seed, _block_precision(x, block))
     lead = base_out.shape[:-1]
-    if base_out.dtype == block.dtype:
+    if _autocast_on(x):
+        return base_out + s @ block
+    if base_out.dtype == block.dtype == s.dtype:
         # One fused GEMM + accumulate into a copy of base_out.
         y = torch.addmm(base_out.reshape(-1, out_features), s.reshape(-1, r), block)
         return y.view(*lead, out_features)
+    if s.dtype == block.dtype and _ops.holds(base_out.dtype, block.dtype):
+        return ops.miss_add_product(base_out, s, block)
     return base_out + s @ block
 
 
@@ -98,9 +121,11 @@ def mini_forward(
             f"miss_ext.mini_forward: out_features ({out_features}) must be divisible by "
             f"mini_r ({m}); choose mini_r dividing out_features"
         )
-    small = blocksum(x, r, dropout_p, training, seed) @ block
+    small = blocksum(x, r, dropout_p, training, seed, _block_precision(x, block)) @ block
     # Decided on `small`, not `block`: under autocast the product may come out in another dtype.
-    if base_out.dtype == small.dtype:
+    # A wider `small` (float32 block, half-type base) is added and rounded once, as PEFT's sum
+    # after its final cast.
+    if _ops.holds(base_out.dtype, small.dtype):
         return ops.tile_add(base_out, small)
     return base_out + ops.tile(small, out_features)
 
@@ -120,17 +145,18 @@ def miss_linear(
     Same numbers as ``miss_forward``/``mini_forward`` on ``F.linear(x, weight, bias)``, with fewer
     passes: the frozen GEMM accumulates into the adapter term in forward and into the adapter's
     input gradient in backward. Autograd keeps the ``N x r`` block sum, not ``x`` (unless the
-    weight trains). ``x``, ``weight`` and ``block`` must share a dtype."""
+    weight trains). ``x`` and ``weight`` share a dtype; ``block`` has it too or is wider (a float32
+    block on a bfloat16 layer: the mixed-precision path, PEFT's rounding, docs/MATH.md)."""
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = dropout_seed()
     return ops.miss_linear(x, weight, bias, block, p, seed)[0]
 
 
-def bat_transform(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+def bat_transform(weight: torch.Tensor, block: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """BAT weight transform ``W'_ij = W_ij (I + B_i) + B_i`` with ``block`` ``(out/r, r, r)``;
-    computed in ``block``'s dtype."""
-    return ops.bat_transform(weight, block)
+    computed in ``block``'s dtype and rounded once to ``dtype`` (default: the block's)."""
+    return ops.bat_transform(weight, block, dtype)
 
 
 def bat_linear(
@@ -142,8 +168,10 @@ def bat_linear(
     """``x W'^T + bias`` where ``W'`` is ``weight`` after each BAT block's transform in turn.
 
     Backward recomputes ``W'`` instead of saving it: autograd keeps ``x``, the weight and the
-    blocks only. ``x`` must have the blocks' dtype; weight and bias may be of another float dtype
-    (they are cast, as PEFT computes BAT in the adapter's dtype)."""
+    blocks only. Both GEMMs run in ``x``'s dtype. The blocks have ``x``'s dtype or a wider one: a
+    float32 block with a bfloat16 ``x`` forms ``W'`` in float32 from the stored weight and rounds
+    it once to bfloat16, and dL/dB is accumulated in float32 from ``x`` and dL/dy (docs/MATH.md,
+    mixed precision). The weight and bias may be of any float dtype."""
     if isinstance(blocks, torch.Tensor):
         blocks = [blocks]
     return ops.bat_linear(x, weight, bias, list(blocks))

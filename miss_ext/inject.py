@@ -7,11 +7,22 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 from typing import Iterable, Optional, Union
 
 from torch import nn
 
-from .layer import InitWeights, MissLinear, check_adapter_shape, check_dropout, real_weight, variant_of
+from ._keys import guard_model
+from .layer import (
+    InitWeights,
+    MissLinear,
+    check_adapter_shape,
+    check_bat_precision,
+    check_dropout,
+    init_block_,
+    real_weight,
+    variant_of,
+)
 
 Targets = Union[str, Iterable[str]]
 ALL_LINEAR = "all-linear"
@@ -24,6 +35,8 @@ __all__ = [
     "adapters_disabled",
     "trainable_parameters",
     "print_trainable_parameters",
+    "reset_adapter_parameters",
+    "to_injected_state_dict",
 ]
 
 
@@ -79,6 +92,7 @@ def inject(
     init_weights: InitWeights = True,
     miss_dropout: float = 0.0,
     adapter_name: str = "default",
+    bat_precision: Optional[str] = None,
 ) -> nn.Module:
     """Adds adapter ``adapter_name`` to every ``nn.Linear`` that ``target_modules`` selects (a
     layer that is already a MissLinear gets the adapter added) and freezes every non-adapter
@@ -87,8 +101,13 @@ def inject(
 
     As in PEFT, the first adapter is active and trainable; an adapter added to a model that
     already has MiSS adapters is added inactive (frozen): switch with :func:`set_adapter`.
+
+    ``bat_precision`` ("base" or "promote", see :class:`~miss_ext.MissLinear`) is set on every
+    targeted layer; ``None`` leaves existing layers as they are and gives new ones "base".
     """
     variant = variant_of(init_weights)
+    if bat_precision is not None:
+        check_bat_precision(bat_precision)
     check_dropout(miss_dropout)
     mini_r_ = 1 if mini_r is None else mini_r
     targets = find_targets(model, target_modules)
@@ -123,15 +142,19 @@ def inject(
         module = model.get_submodule(name)
         if isinstance(module, MissLinear):
             module.update_layer(adapter_name, r, mini_r_, init_weights, miss_dropout)
+            if bat_precision is not None:
+                module.bat_precision = bat_precision
         else:
             parent, child = _split(model, name)
-            layer = MissLinear(module, r, mini_r_, init_weights, miss_dropout, adapter_name)
+            layer = MissLinear(module, r, mini_r_, init_weights, miss_dropout, adapter_name,
+                               bat_precision=bat_precision or "base")
             layer.set_adapter(active)
             setattr(parent, child, layer)
 
     for pname, p in model.named_parameters():
         if ".miss_block." not in f".{pname}":
             p.requires_grad_(False)
+    guard_model(model)  # PEFT-format keys given to model.load_state_dict raise, not load nothing
     return model
 
 
@@ -171,3 +194,83 @@ def print_trainable_parameters(model: nn.Module) -> None:
     trainable, total = trainable_parameters(model)
     share = 100 * trainable / total if total else 0.0
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+
+
+# ---------------------------------------------------------------- big-model flows (meta device)
+
+
+def _peft_miss_layer_type():
+    """PEFT's MiSS layer class if PEFT's MiSS is loaded (a model cannot hold its layers
+    otherwise), so this module never imports PEFT."""
+    module = sys.modules.get("peft.tuners.miss.layer")
+    return getattr(module, "MissLayer", None)
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every MiSS layer in ``model``: miss_ext's MissLinear and PEFT's."""
+    kinds = (MissLinear,) + tuple(t for t in (_peft_miss_layer_type(),) if t is not None)
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def _peft_init_weights(model: nn.Module, layer: nn.Module, adapter: str) -> InitWeights:
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict) and adapter in configs:
+        return configs[adapter].init_weights
+    return layer.miss_fn  # PEFT keeps only the layer's first config; the same unless mixed
+
+
+def reset_adapter_parameters(model: nn.Module, adapter_names: Optional[Iterable[str]] = None) -> nn.Module:
+    """Re-applies the documented init (zeros; PEFT's random init for ``init_weights=False``) to
+    the MiSS blocks of ``adapter_names`` (default: all) in every MiSS layer of ``model``, in
+    place, for miss_ext's MissLinear and PEFT's MiSS layers alike (for PEFT pass the PeftModel,
+    whose ``peft_config`` says each adapter's init). Base weights are not touched.
+
+    The step after ``model.to_empty(device=...)`` on a model whose adapters were added on the
+    meta device and are not loaded from a checkpoint: ``to_empty`` leaves every tensor
+    uninitialised. Parameters keep their identity, so it works on FSDP2-sharded models. Every
+    layer is checked first (unknown or merged adapters raise) so a refusal changes nothing."""
+    names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+    names = None if names is None else list(names)
+    layers = adapter_layers(model)
+    if names is not None:
+        known = {a for _, layer in layers for a in layer.miss_block}
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise ValueError(f"adapter(s) {missing} not found in the model (has {sorted(known)})")
+    plan = []
+    for lname, layer in layers:
+        todo = [a for a in layer.miss_block if names is None or a in names]
+        merged = [a for a in todo if a in layer.merged_adapters]
+        if merged:
+            raise ValueError(f"{lname}: adapter(s) {merged} are merged into the base weight; unmerge before resetting them")
+        plan.append((layer, todo))
+    for layer, todo in plan:
+        if isinstance(layer, MissLinear):
+            layer.reset_parameters(todo)
+        else:
+            for a in todo:
+                init_block_(layer.miss_block[a], _peft_init_weights(model, layer, a))
+    return model
+
+
+def to_injected_state_dict(model: nn.Module, state_dict: dict) -> dict:
+    """A state dict of the plain model (e.g. the base checkpoint) with the keys of every base
+    layer that is now wrapped renamed into the wrapper: ``<layer>.weight`` becomes
+    ``<layer>.base_layer.weight`` for each MiSS layer (miss_ext's or PEFT's) of ``model``.
+    Other keys, and keys already in that form, are kept; the tensors are not copied.
+
+    For loading base weights after adapters were added (on the meta device, before
+    ``fully_shard``), e.g. ``model.load_state_dict(to_injected_state_dict(model, sd),
+    strict=False)`` or torch.distributed.checkpoint's ``set_model_state_dict``. For a PeftModel
+    pass ``peft_model.get_base_model()`` and load into that."""
+    layers = {n for n, _ in adapter_layers(model)}
+    out = {}
+    for key, value in state_dict.items():
+        prefix, rest = key, ""
+        while prefix and prefix not in layers:
+            prefix, _, last = prefix.rpartition(".")
+            rest = f"{last}.{rest}" if rest else last
+        if prefix and rest and not rest.startswith(("base_layer.", "miss_block.")):
+            key = f"{prefix}.base_layer.{rest}"
+        out[key] = value
+    return out

@@ -1,10 +1,12 @@
 """``MissLinear``: a frozen linear layer with MiSS adapters on the miss_ext kernels.
 
 Parameter names and shapes follow PEFT's ``MissLinear`` (``base_layer.*``,
-``miss_block.<adapter>``) so PEFT MiSS state dicts load key for key.
+``miss_block.<adapter>``), as in a live PEFT model's ``state_dict()``. PEFT's saved adapter files
+drop the adapter name (``...miss_block``): :func:`miss_ext.load_adapter` loads them, and
+``load_state_dict`` given such keys raises rather than silently loading nothing.
 
 Unlike PEFT, the variant is stored per adapter, so standard, mini and BAT adapters can share
-a layer. With several active adapters the layer computes (SPEC section 5)::
+a layer. With several active adapters the layer computes (docs/MATH.md section 5)::
 
     y = x W'^T + b + sum over active standard/mini adapters of their terms
 
@@ -28,9 +30,21 @@ import torch
 from torch import nn
 
 from . import functional as MF
+from ._ops import holds
+from ._keys import reject_peft_keys
 
 InitWeights = Union[bool, str]
 VARIANTS = ("standard", "bat", "mini")
+# How BAT computes with blocks wider than the base (fp32 blocks on a bf16 model; docs/MATH.md):
+#   "base"    (default) both GEMMs in the base dtype on W' formed in fp32 and rounded once;
+#   "promote" PEFT's own type promotion: x, W' and both GEMMs in fp32 (exact, slow).
+BAT_PRECISIONS = ("base", "promote")
+
+
+def check_bat_precision(value: str) -> str:
+    if value not in BAT_PRECISIONS:
+        raise ValueError(f"`bat_precision` must be one of {BAT_PRECISIONS} (got {value!r})")
+    return value
 
 
 def variant_of(init_weights: InitWeights) -> str:
@@ -63,7 +77,7 @@ def features_of(base_layer: nn.Module) -> tuple[int, int]:
 
 
 def check_adapter_shape(in_f: int, out_f: int, r: int, mini_r, variant: str) -> None:
-    """SPEC section 7: the shape rules PEFT enforces, with messages that name the rule."""
+    """docs/MATH.md section 7: the shape rules PEFT enforces, with messages that name the rule."""
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise ValueError(f"`r` must be a positive integer (got {r!r})")
     if r > in_f:
@@ -90,13 +104,27 @@ def check_dropout(p) -> float:
 
 
 def real_weight(base_layer: nn.Module) -> torch.Tensor:
+    """The base layer's 2-D floating-point ``weight``. A meta weight counts: BAT only needs its
+    shape until the model is materialised (merging checks for values itself)."""
     w = getattr(base_layer, "weight", None)
-    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.is_meta or not w.is_floating_point():
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise TypeError(
             f"BAT (init_weights='bat') and merging need the base weight itself, so the base layer "
             f"needs a real 2-D `weight` tensor ({type(base_layer).__name__} has none)"
         )
     return w
+
+
+def check_materialised(weight: torch.Tensor, blocks: Iterable[torch.Tensor]) -> None:
+    """Merging computes with the weight's and blocks' values, which meta tensors do not have;
+    a shape-only merge would leave ``merged_adapters`` claiming a delta that later loaded
+    weights do not contain, so it is refused."""
+    if weight.is_meta or any(b.is_meta for b in blocks):
+        raise RuntimeError(
+            "cannot merge or unmerge MiSS adapters on the meta device: the weights hold no values "
+            "yet. Materialise the model first (model.to_empty(device=...), then load the base "
+            "weights and the adapters or miss_ext.reset_adapter_parameters(model))"
+        )
 
 
 def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
@@ -117,9 +145,19 @@ def new_block(in_f: int, out_f: int, r: int, mini_r, init_weights: InitWeights, 
         shape = (r, mini_r)
     else:
         shape = (r, out_f)
-    block = torch.zeros(shape, dtype=dtype, device=device)
-    if init_weights is False:  # PEFT's random init, for tests
-        nn.init.kaiming_uniform_(block, a=math.sqrt(5))
+    block = torch.empty(shape, dtype=dtype, device=device)
+    init_block_(block, init_weights)
+    return block
+
+
+def init_block_(block: torch.Tensor, init_weights: InitWeights) -> torch.Tensor:
+    """A block's documented init, in place: zeros (the adapter starts as the identity), or
+    PEFT's random kaiming init for ``init_weights=False`` (for tests)."""
+    with torch.no_grad():
+        if init_weights is False:
+            nn.init.kaiming_uniform_(block, a=math.sqrt(5))
+        else:
+            block.zero_()
     return block
 
 
@@ -128,9 +166,18 @@ def new_block(in_f: int, out_f: int, r: int, mini_r, init_weights: InitWeights, 
 
 def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    # Devices without autocast (meta) raise on the query itself; nothing can be autocast there.
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+def autocast_off(device_type: str):
+    """``torch.autocast(device_type, enabled=False)``, or nothing on a device without autocast
+    (meta), where even a disabled autocast context raises."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def add_miss_term(result: torch.Tensor, x: torch.Tensor, block: torch.Tensor, variant: str, dropout_p: float) -> torch.Tensor:
@@ -171,9 +218,12 @@ def additive_output(
     """``base_out`` (default ``base_layer(x)``) plus the standard/mini ``terms`` (block, variant,
     dropout p already 0 outside training).
 
-    Without a given ``base_out``, when the base is a plain ``nn.Linear`` in the first block's
-    dtype (and no autocast), that adapter runs fused with the base GEMM (``miss_linear``): same
-    numbers, fewer passes over the activations, only the ``N x r`` block sum kept for backward."""
+    Without a given ``base_out``, when the base is a plain ``nn.Linear`` in x's dtype whose first
+    block has that dtype or a wider one (a float32 block on a bfloat16 layer), and no autocast,
+    that adapter runs fused with the base GEMM (``miss_linear``): same numbers, fewer passes over
+    the activations, only the ``N x r`` block sum kept for backward. ``x`` is cast to a block's
+    dtype only when that dtype cannot hold x's values; a wider block sums x into its own
+    precision directly (the same values as the cast, without the copy)."""
     kwargs = kwargs or {}
     terms = list(terms)
     if base_out is None:
@@ -181,7 +231,8 @@ def additive_output(
             terms
             and autocast_dtype(x) is None
             and plain_linear(base_layer, args, kwargs)
-            and x.dtype == terms[0][0].dtype == base_layer.weight.dtype
+            and x.dtype == base_layer.weight.dtype
+            and holds(x.dtype, terms[0][0].dtype)
         )
         if fusable:
             block, _, p = terms.pop(0)
@@ -189,24 +240,35 @@ def additive_output(
         else:
             base_out = base_layer(x, *args, **kwargs)
     for block, variant, p in terms:
-        base_out = add_miss_term(base_out, cast(x, block.dtype), block, variant, p)
+        xi = x if holds(x.dtype, block.dtype) else cast(x, block.dtype)
+        base_out = add_miss_term(base_out, xi, block, variant, p)
     return base_out
 
 
 def bat_output(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], blocks: Sequence[torch.Tensor]
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    blocks: Sequence[torch.Tensor],
+    precision: str = "base",
 ) -> torch.Tensor:
-    """``x W'^T + b`` for BAT blocks composed in order. As in PEFT the transformed weight has the
-    promoted dtype of the weight and the blocks; under autocast, like any linear layer, it runs
-    in the autocast dtype (the op is not autocast-aware, so the cast is explicit here)."""
-    dtype = weight.dtype
-    for b in blocks:
-        dtype = torch.promote_types(dtype, b.dtype)
-    dtype = autocast_dtype(x) or dtype
-    x, blocks = x.to(dtype), [b.to(dtype) for b in blocks]
+    """``x W'^T + b`` for BAT blocks composed in order, in the compute dtype ``precision`` picks
+    (see BAT_PRECISIONS): "base" runs both GEMMs in the dtype of x and the base weight (bf16 for a
+    bf16 model), with ``W'`` formed in the blocks' precision and rounded once; "promote" is PEFT's
+    own promotion of the weight's and the blocks' dtypes (fp32 GEMMs for fp32 blocks). Under
+    autocast, like any linear layer, it runs in the autocast dtype (the op is not autocast-aware,
+    so the choice is explicit here). Blocks narrower than the compute dtype are cast up."""
+    dtype = autocast_dtype(x)
+    if dtype is None:
+        dtype = torch.promote_types(x.dtype, weight.dtype) if precision == "base" else weight.dtype
+        if precision != "base":
+            for b in blocks:
+                dtype = torch.promote_types(dtype, b.dtype)
+    x = x.to(dtype)
+    blocks = [b if holds(dtype, b.dtype) else b.to(dtype) for b in blocks]
     # The BAT kernels call aten GEMMs internally; a live autocast would recast those and break
     # the kernels' dtype contract, so the op runs with autocast off (the dtype is chosen above).
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         return MF.bat_linear(x, weight, bias, blocks)
 
 
@@ -242,8 +304,9 @@ def apply_steps(
     weight: torch.Tensor, steps, blocks: dict, check_finite: bool = False
 ) -> torch.Tensor:
     """The weight after ``steps``, computed out of place in fp32 (fp64 when anything is fp64)
-    and rounded once to the weight's dtype (SPEC section 6). Raises before returning, so the
-    caller's weight is untouched on any failure."""
+    and rounded once to the weight's dtype (docs/MATH.md section 6). Raises before returning, so the
+    caller's weight is untouched on any failure (on a meta model: see check_materialised)."""
+    check_materialised(weight, [blocks[n] for _, n in steps])
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         wide = weight.dtype == torch.float64 or any(blocks[n].dtype == torch.float64 for _, n in steps)
         acc = torch.float64 if wide else torch.float32
@@ -287,9 +350,15 @@ class MissLinear(nn.Module):
         init_weights: ``True`` (standard, zeros), ``False`` (standard, random), ``"bat"``, ``"mini"``.
         miss_dropout: dropout on the adapter branch's input (standard and mini only, as in PEFT).
         adapter_name: name of the first adapter, which is active and trainable.
+        bat_precision: how BAT adapters compute when their blocks are wider than the base (fp32
+            blocks on a bf16/fp16 model): ``"base"`` (default) runs the GEMMs in the base dtype on
+            ``W'`` formed in fp32 and rounded once (fast; the error bound is in docs/MATH.md);
+            ``"promote"`` reproduces PEFT's promotion to fp32 GEMMs exactly (slow).
 
     New blocks take the base weight's device and are fp32 (fp64 on an fp64 base), as with
-    PEFT's ``get_peft_model``; ``.to()`` them for other dtypes.
+    PEFT's ``get_peft_model``; ``.to()`` them for other dtypes. On a meta base (a model built
+    under ``torch.device("meta")``) the blocks are meta too; after ``to_empty`` call
+    :meth:`reset_parameters` (or load them) since ``to_empty`` leaves them uninitialised.
     """
 
     def __init__(
@@ -300,16 +369,20 @@ class MissLinear(nn.Module):
         init_weights: InitWeights = True,
         miss_dropout: float = 0.0,
         adapter_name: str = "default",
+        bat_precision: str = "base",
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = features_of(base_layer)
+        self.bat_precision = check_bat_precision(bat_precision)
         self.base_layer = base_layer
         self.base_layer.requires_grad_(False)
         self.miss_block = nn.ParameterDict()
+        self.register_load_state_dict_pre_hook(reject_peft_keys)  # PEFT file keys never match
         self.miss_r: dict[str, int] = {}
         self.miss_mini_r: dict[str, int] = {}
         self.miss_dropout_p: dict[str, float] = {}
         self.miss_variant: dict[str, str] = {}
+        self.miss_init_weights: dict[str, InitWeights] = {}
         self.merged_adapters: list[str] = []
         self._active_adapter: list[str] = [adapter_name]
         self._disable_adapters = False
@@ -337,7 +410,7 @@ class MissLinear(nn.Module):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before replacing it")
         w = getattr(self.base_layer, "weight", None)
-        device = w.device if isinstance(w, torch.Tensor) and not w.is_meta else None
+        device = w.device if isinstance(w, torch.Tensor) else None
         block = new_block(
             self.in_features, self.out_features, r, mini_r, init_weights, adapter_dtype(self.base_layer), device
         )
@@ -346,6 +419,7 @@ class MissLinear(nn.Module):
         self.miss_mini_r[adapter_name] = mini_r
         self.miss_dropout_p[adapter_name] = p
         self.miss_variant[adapter_name] = variant
+        self.miss_init_weights[adapter_name] = init_weights
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def add_adapter(
@@ -384,13 +458,34 @@ class MissLinear(nn.Module):
             raise ValueError(
                 f"adapter {adapter_name!r} is merged into the base weight; unmerge() before deleting it"
             )
-        for d in (self.miss_block, self.miss_r, self.miss_mini_r, self.miss_dropout_p, self.miss_variant):
+        for d in (self.miss_block, self.miss_r, self.miss_mini_r, self.miss_dropout_p, self.miss_variant, self.miss_init_weights):
             del d[adapter_name]
         active = [a for a in self._active_adapter if a != adapter_name]
         if not active and adapter_name in self._active_adapter and len(self.miss_block):
             active = [sorted(self.miss_block)[0]]  # PEFT's choice: deterministic across layers
             warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {active[0]}.")
         self.set_adapter(active)
+
+    def reset_parameters(self, adapter_names: Optional[Iterable[str]] = None) -> None:
+        """Re-applies the documented init of ``adapter_names`` (default: every adapter) in place:
+        zeros, or PEFT's random init for ``init_weights=False``. The parameters stay the same
+        objects (FSDP2 shards and optimizers keep them); the base layer is not touched.
+
+        This is the step after ``model.to_empty(device=...)``, which leaves every tensor
+        uninitialised; loops that call ``reset_parameters()`` on each module (as FSDP's meta
+        init does) reach it. Refused while an adapter to reset is merged."""
+        if adapter_names is None:
+            names = list(self.miss_block)
+        else:
+            names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.miss_block]
+        if unknown:
+            raise ValueError(f"cannot reset unknown adapter(s) {unknown} (has {list(self.miss_block)})")
+        merged = [n for n in names if n in self.merged_adapters]
+        if merged:
+            raise ValueError(f"adapter(s) {merged} are merged into the base weight; unmerge() before resetting them")
+        for n in names:
+            init_block_(self.miss_block[n], self.miss_init_weights[n])
 
     @property
     def disable_adapters(self) -> bool:
@@ -438,7 +533,7 @@ class MissLinear(nn.Module):
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Merges ``adapter_names`` (default: the active ones not yet merged) into the base weight
-        (SPEC section 6). The new weight is computed out of place and copied in only when
+        (docs/MATH.md section 6). The new weight is computed out of place and copied in only when
         every step succeeded, so a failed safe merge leaves the weight bit-for-bit unchanged."""
         if isinstance(adapter_names, str):
             raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
@@ -498,7 +593,7 @@ class MissLinear(nn.Module):
         base_out = None
         if bat:
             bias = getattr(self.base_layer, "bias", None)
-            base_out = bat_output(x, self.base_weight(), bias, [self.miss_block[n] for n in bat])
+            base_out = bat_output(x, self.base_weight(), bias, [self.miss_block[n] for n in bat], self.bat_precision)
         result = additive_output(self.base_layer, x, terms, args, kwargs, base_out=base_out)
         return result.to(previous_dtype)
 

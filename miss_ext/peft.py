@@ -22,19 +22,18 @@ PEFT is imported only inside these functions: ``import miss_ext.peft`` alone doe
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import warnings
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from .inject import find_targets, inject
 from .layer import (
+    MissLinear,
     additive_output,
     apply_steps,
     bat_output,
+    check_bat_precision,
     delta_weight,
     merge_steps,
     unmerge_steps,
@@ -53,6 +52,8 @@ __all__ = [
 
 _METHODS = ("forward", "merge", "unmerge", "get_delta_weight", "get_delta_weight_miss")
 _ORIGINALS: dict[str, Any] = {}
+# The BAT compute mode of patched layers (see miss_ext.layer.BAT_PRECISIONS); set by patch().
+_SETTINGS = {"bat_precision": "base"}
 
 
 def _peft_miss_linear():
@@ -99,7 +100,9 @@ def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
                 )
             # get_base_weight is detached (`.data`), so, as in PEFT, no gradient reaches the base.
             bias = self.get_base_layer().bias
-            base_out = bat_output(x, self.get_base_weight(), bias, [self.miss_block[a] for a in bat])
+            base_out = bat_output(
+                x, self.get_base_weight(), bias, [self.miss_block[a] for a in bat], _SETTINGS["bat_precision"]
+            )
         elif self.quantization_backend is not None:
             base_out = self.quantization_backend.maybe_clone_base_result(self.base_layer(x, *args, **kwargs))
         terms = [(self.miss_block[a], v, _dropout_p(self, a)) for a, v in zip(active, variants) if v != "bat"]
@@ -162,8 +165,14 @@ def is_patched() -> bool:
     return bool(_ORIGINALS)
 
 
-def patch() -> None:
-    """Make every PEFT MiSS layer run on miss_ext (idempotent)."""
+def patch(bat_precision: str = "base") -> None:
+    """Make every PEFT MiSS layer run on miss_ext (idempotent).
+
+    ``bat_precision`` picks how BAT adapters with fp32 blocks compute on a bf16/fp16 model:
+    ``"base"`` (default, fast: GEMMs in the base dtype on ``W'`` formed in fp32 and rounded once)
+    or ``"promote"`` (PEFT's own promotion to fp32 GEMMs, exact and slow); see
+    :class:`miss_ext.MissLinear`. Calling ``patch`` again changes it."""
+    _SETTINGS["bat_precision"] = check_bat_precision(bat_precision)
     if _ORIGINALS:
         return
     cls = _peft_miss_linear()
@@ -175,6 +184,7 @@ def patch() -> None:
 
 def unpatch() -> None:
     """Restore PEFT's own methods (idempotent)."""
+    _SETTINGS["bat_precision"] = "base"
     if not _ORIGINALS:
         return
     cls = _peft_miss_linear()
@@ -184,15 +194,18 @@ def unpatch() -> None:
 
 
 @contextlib.contextmanager
-def patched():
-    """``with miss_ext.peft.patched(): ...``; leaves an outer ``patch()`` in force."""
-    was = is_patched()
-    patch()
+def patched(bat_precision: str = "base"):
+    """``with miss_ext.peft.patched(): ...``; leaves an outer ``patch()`` in force (and restores
+    its ``bat_precision``)."""
+    was, before = is_patched(), _SETTINGS["bat_precision"]
+    patch(bat_precision)
     try:
         yield
     finally:
         if not was:
             unpatch()
+        else:
+            _SETTINGS["bat_precision"] = before
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -215,49 +228,12 @@ def to_miss_ext_state_dict(
     return out
 
 
-def _read_adapter_weights(path: str) -> dict:
-    st = os.path.join(path, "adapter_model.safetensors")
-    if os.path.exists(st):
-        from safetensors.torch import load_file
-
-        return load_file(st)
-    return torch.load(os.path.join(path, "adapter_model.bin"), map_location="cpu", weights_only=True)
-
-
 def load_peft_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> nn.Module:
-    """Injects the adapter saved by PEFT's ``save_pretrained`` in directory ``path`` into the
-    plain ``model`` (the one PEFT wrapped) with :func:`miss_ext.inject`, then loads its blocks.
-    Raises, with the model untouched, unless the checkpoint holds exactly one block per target."""
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        cfg = json.load(f)
-    if cfg.get("peft_type") != "MISS":
-        raise ValueError(f"{path} holds a {cfg.get('peft_type')} adapter, not MiSS")
-    unsupported = {
-        k: cfg.get(k)
-        for k in ("exclude_modules", "layers_to_transform", "modules_to_save")
-        if cfg.get(k)
-    }
-    if cfg.get("bias", "none") != "none":
-        unsupported["bias"] = cfg["bias"]
-    if unsupported:
-        raise NotImplementedError(f"load_peft_adapter does not handle these MissConfig options: {unsupported}")
-    weights = to_miss_ext_state_dict(_read_adapter_weights(path), adapter_name)
-    # Check the checkpoint against the targets first, so a mismatch leaves the model untouched.
-    expected = {f"{t}.miss_block.{adapter_name}" for t in find_targets(model, cfg["target_modules"])}
-    if set(weights) != expected:
-        raise ValueError(
-            f"checkpoint {path} does not match the model: keys without a target "
-            f"{sorted(set(weights) - expected)[:5]}, targets without a block {sorted(expected - set(weights))[:5]}"
-        )
-    inject(
-        model,
-        cfg["target_modules"],
-        r=cfg["r"],
-        mini_r=cfg.get("mini_r", 1),
-        init_weights=cfg.get("init_weights", True),
-        miss_dropout=cfg.get("miss_dropout", 0.0),
-        adapter_name=adapter_name,
-    )
-    result = model.load_state_dict(weights, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys
-    return model
+    """:func:`miss_ext.load_adapter` with ``into_existing=True``: injects the adapter that PEFT's
+    ``save_pretrained`` wrote to ``path`` into ``model`` and loads its blocks, strictly; if every
+    target already has adapter ``adapter_name`` (injected before, e.g. on the meta device and
+    then materialised with ``to_empty``) with the checkpoint's shapes, the blocks are loaded into
+    it instead. A model whose targets are still on the meta device is refused."""
+    from .model import load_adapter
+
+    return load_adapter(model, path, adapter_name, into_existing=True)

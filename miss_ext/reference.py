@@ -1,5 +1,5 @@
 """Pure-PyTorch reference of every miss_ext operator and MiSS variant, written from
-../shared/SPEC.md for clarity, not speed. Tests and benchmarks compare the kernels with it.
+docs/MATH.md for clarity, not speed. Tests and benchmarks compare the kernels with it.
 Everything here is differentiable through plain autograd.
 """
 
@@ -107,12 +107,12 @@ def tile_add(base: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def miss_forward(x, base_out, block, dropout_p: float = 0.0, seed=None):
-    """Standard MiSS (SPEC section 1): ``base_out + blocksum_r(dropout(x)) @ block``."""
+    """Standard MiSS (docs/MATH.md section 1): ``base_out + blocksum_r(dropout(x)) @ block``."""
     return base_out + blocksum(apply_dropout(x, dropout_p, seed), block.shape[0]) @ block
 
 
 def mini_block_expand(block: torch.Tensor, out_features: int) -> torch.Tensor:
-    """SPEC section 2: the effective ``(r, out)`` block, ``D[c, o] = Dm[c, o mod m]``."""
+    """docs/MATH.md section 2: the effective ``(r, out)`` block, ``D[c, o] = Dm[c, o mod m]``."""
     return block.repeat(1, out_features // block.shape[1])
 
 
@@ -121,7 +121,7 @@ def mini_forward(x, base_out, block, dropout_p: float = 0.0, seed=None):
 
 
 def miss_delta_weight(block: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """SPEC section 1/6: ``dW[o, k] = D[k mod r, o]`` (mini: ``D`` from section 2)."""
+    """docs/MATH.md section 1/6: ``dW[o, k] = D[k mod r, o]`` (mini: ``D`` from section 2)."""
     d = mini_block_expand(block, out_features)
     return tile(d.t(), in_features)
 
@@ -147,7 +147,7 @@ def _unblocks4(b4: torch.Tensor) -> torch.Tensor:
 
 
 def bat_transform(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-    """SPEC section 3: ``W'_ij = W_ij + W_ij B_i + B_i``, in the block's dtype."""
+    """docs/MATH.md section 3: ``W'_ij = W_ij + W_ij B_i + B_i``, in the block's dtype."""
     r = block.shape[-1]
     w4 = _blocks4(weight.to(block.dtype), r)
     b = block.unsqueeze(1)
@@ -170,7 +170,7 @@ def bat_weight_grad(grad: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
 
 
 def bat_linear(x, weight, bias: Optional[torch.Tensor], blocks) -> torch.Tensor:
-    """SPEC sections 3 and 5: ``x W'^T + b`` with each block's transform applied in turn."""
+    """docs/MATH.md sections 3 and 5: ``x W'^T + b`` with each block's transform applied in turn."""
     if isinstance(blocks, torch.Tensor):
         blocks = [blocks]
     w = weight
@@ -180,7 +180,7 @@ def bat_linear(x, weight, bias: Optional[torch.Tensor], blocks) -> torch.Tensor:
 
 
 def bat_unmerge(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-    """SPEC section 6: ``W_ij = (W'_ij - B_i)(I + B_i)^-1`` by a solve in fp32 (fp64)."""
+    """docs/MATH.md section 6: ``W_ij = (W'_ij - B_i)(I + B_i)^-1`` by a solve in fp32 (fp64)."""
     r = block.shape[-1]
     acc = torch.float64 if torch.float64 in (weight.dtype, block.dtype) else torch.float32
     b = block.to(acc).unsqueeze(1)

@@ -2,9 +2,16 @@
 DDP or FSDP2 in one process of a gloo (CPU, localhost) process group.
 
 Run as ``python tests/_rel_dist_worker.py MODE OUT_PATH`` with RANK, WORLD_SIZE, MASTER_ADDR
-and MASTER_PORT in the environment (MODE: ``ddp`` or ``fsdp2``). Every variant is trained in
-turn on the shards of the same global batches; rank 0 saves the final full parameters of each
-variant to OUT_PATH. The single-process reference (``train_single``) shares the code.
+and MASTER_PORT in the environment (MODE: ``ddp``, ``fsdp2`` or ``fsdp2_meta``). Every variant
+is trained in turn on the shards of the same global batches; rank 0 saves the final full
+parameters of each variant to OUT_PATH. The single-process references (``train_single``,
+``train_llama_single``) share the code.
+
+``fsdp2_meta`` is the big-model flow (issue #13) on the tiny Llama of tests/_tiny_llama.py:
+built on the meta device, injected, ``fully_shard`` per decoder layer and the root,
+``to_empty``, adapters reset to their init, then the base weights (the plain model's state
+dict) and the trained blocks each loaded with torch.distributed.checkpoint's
+``set_model_state_dict`` (as README's "Big models" section does it).
 """
 
 from __future__ import annotations
@@ -65,6 +72,68 @@ def train_single(variant: str) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+# ---------------------------------------------------------------- tiny Llama (fsdp2_meta)
+
+LLAMA_STEPS = 3
+
+
+def build_llama(variant: str) -> nn.Module:
+    """The in-memory build: CPU Llama, injected, blocks as a trained checkpoint has them."""
+    import _tiny_llama as tl
+
+    model = tl.build("cpu")
+    miss_ext.inject(model, tl.TARGETS, r=tl.R, **tl.VARIANTS[variant])
+    tl.randomize_blocks(model)
+    return model
+
+
+def _train_llama(model, rank: int, world: int) -> None:
+    import _tiny_llama as tl
+
+    opt = _optimizer(model)
+    for step in range(LLAMA_STEPS):
+        ids = tl.batch(step, n=4).chunk(world)[rank]
+        opt.zero_grad(set_to_none=True)
+        # Every shard has as many tokens, so the mean of the local mean losses is the global one.
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+
+def train_llama_single(variant: str) -> dict:
+    model = build_llama(variant)
+    _train_llama(model, 0, 1)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _fsdp2_meta_llama(variant: str, rank: int, world: int) -> dict:
+    import _tiny_llama as tl
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    # The checkpoint: the plain model's weights and the trained blocks (read from disk in real life).
+    reference = build_llama(variant)
+    base_state = tl.build("cpu").state_dict()
+    blocks = {k: v for k, v in reference.state_dict().items() if ".miss_block." in k}
+    del reference
+
+    model = tl.build("meta")
+    miss_ext.inject(model, tl.TARGETS, r=tl.R, **tl.VARIANTS[variant])
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    model.to_empty(device="cpu")
+    tl.reinit_rope(model)
+    miss_ext.reset_adapter_parameters(model)  # in place on the DTensor shards
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, miss_ext.to_injected_state_dict(model, base_state), options=options)
+    for name, p in model.named_parameters():  # the base load leaves the reset blocks alone
+        if ".miss_block." in name and not (type(p).__name__ == "DTensor" and p.full_tensor().eq(0).all()):
+            raise AssertionError(f"{name}: not a zeroed DTensor shard after reset and base load")
+    set_model_state_dict(model, blocks, options=options)
+    _train_llama(model, rank, world)
+    return _full_state(model)
+
+
 def _full_state(model) -> dict:
     out = {}
     for k, v in model.state_dict().items():
@@ -86,6 +155,9 @@ def main() -> None:
     results = {}
     try:
         for variant in VARIANTS:
+            if mode == "fsdp2_meta":
+                results[variant] = _fsdp2_meta_llama(variant, rank, world)
+                continue
             model = build(variant)
             if mode == "ddp":
                 from torch.nn.parallel import DistributedDataParallel as DDP

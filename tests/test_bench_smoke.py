@@ -60,7 +60,7 @@ def test_layer_smoke_suite(tmp_path, capsys):
         tol = ERR[r["dtype"]]
         assert float(r["err_ref"]) < tol, (r["variant"], r["dtype"], r["err_ref"])
         assert float(r["err_peft"]) < tol, (r["variant"], r["dtype"], r["err_peft"])
-        # SPEC section 8: nothing weight-sized is kept for backward.
+        # docs/MATH.md section 8: nothing weight-sized is kept for backward.
         assert float(r["ours_extra_saved_frac_w"]) < 0.5, (r["variant"], r["dtype"])
         for k in META:
             assert r[k] != "", k

@@ -76,6 +76,28 @@ def test_bat_transform_and_grads(device, out_f, in_f, r):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead,out_f,in_f,r", [((5,), 8, 12, 4), ((2, 3), 4, 4, 4), ((4,), 6, 3, 3)])
+def test_bat_io_block_grad(device, lead, out_f, in_f, r):
+    g = _rand(*lead, out_f, device=device)
+    x = _rand(*lead, in_f, device=device)
+    w = _rand(out_f, in_f, device=device)
+    for subset in _subsets(3):
+        _check(lambda g_, x_, w_: ops.bat_io_block_grad(g_, x_, w_, r), _with_grad_on([g, x, w], subset))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead,r,out_f", [((5,), 4, 8), ((2, 3), 3, 5), ((4,), 1, 2)])
+def test_miss_product_ops(device, lead, r, out_f):
+    base = _rand(*lead, out_f, device=device)
+    s = _rand(*lead, r, device=device)
+    block = _rand(r, out_f, device=device)
+    grad = _rand(*lead, out_f, device=device)
+    for subset in _subsets(3):
+        _check(lambda a, b, c: ops.miss_add_product(a, b, c), _with_grad_on([base, s, block], subset))
+        _check(lambda a, b, c: ops.miss_block_grads(a, b, c), _with_grad_on([grad, s, block], subset))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("out_f,in_f,r", [(8, 12, 4), (4, 4, 4), (6, 3, 3)])
 def test_bat_unmerge(device, out_f, in_f, r):
     w = _rand(out_f, in_f, device=device)

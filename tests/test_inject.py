@@ -1,5 +1,5 @@
 """miss_ext.inject: PEFT's target matching (names, suffixes, regex, all-linear), freezing,
-parameter counts, several adapters model-wide, and SPEC section 7 errors that name the rule
+parameter counts, several adapters model-wide, and docs/MATH.md section 7 errors that name the rule
 and leave the model unchanged."""
 
 import copy

@@ -1,6 +1,6 @@
 """miss_ext.MissLinear as a module: PEFT parity of every variant (forward, input and block
 gradients, several adapters, mixed dtypes, autocast, dropout), the adapter API, and the mixed
-standard + mini + BAT layer that PEFT cannot hold, against a reference written from the SPEC."""
+standard + mini + BAT layer that PEFT cannot hold, against a reference written from docs/MATH.md."""
 
 import pytest
 import torch
@@ -147,7 +147,7 @@ def mixed_layer(dtype=torch.float64, in_f=48, out_f=32, r=8, device="cpu"):
 
 
 def spec_forward(x, layer, names):
-    """SPEC section 5, written out: y = x W'^T + b + additive terms, W' = BAT adapters in order."""
+    """docs/MATH.md section 5, written out: y = x W'^T + b + additive terms, W' = BAT adapters in order."""
     w, b = layer.base_layer.weight, layer.base_layer.bias
     bats = [layer.miss_block[n] for n in names if layer.miss_variant[n] == "bat"]
     y = R.bat_linear(x, w, b, bats) if bats else F.linear(x, w, b)
@@ -162,7 +162,7 @@ def spec_forward(x, layer, names):
 
 def test_mixed_variants_on_one_layer_match_spec(device):
     """Standard, mini and two BAT adapters active on one layer (PEFT fails with shape errors
-    here): output and every gradient equal the SPEC formula, in fp64."""
+    here): output and every gradient equal the docs/MATH.md formula, in fp64."""
     layer = mixed_layer(device=device)
     names = layer.active_adapters
     x = torch.randn(5, 48, dtype=torch.float64, device=device, requires_grad=True)
@@ -299,7 +299,7 @@ def test_dropout_train_and_eval(variant, device):
 
 
 def test_bat_trains_base_weight_when_unfrozen():
-    """SPEC section 3: dL/dW flows only if the base weight requires grad."""
+    """docs/MATH.md section 3: dL/dW flows only if the base weight requires grad."""
     layer = mixed_layer(torch.float64)
     layer.set_adapter(["bat1", "bat2"])
     w = layer.base_layer.weight.requires_grad_(True)
@@ -336,7 +336,7 @@ def test_report_parity_errors():
     ],
 )
 def test_bad_adapter_leaves_layer_unchanged(kwargs, needle):
-    """SPEC section 7: the rule is named, and the layer is exactly as before."""
+    """docs/MATH.md section 7: the rule is named, and the layer is exactly as before."""
     layer = mixed_layer(torch.float32)
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     meta = (dict(layer.miss_r), dict(layer.miss_variant), layer.active_adapters)

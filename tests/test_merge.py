@@ -1,4 +1,4 @@
-"""Merging (SPEC section 6): PEFT parity of merge/unmerge/safe merge per variant, merged
+"""Merging (docs/MATH.md section 6): PEFT parity of merge/unmerge/safe merge per variant, merged
 forward = unmerged forward, failures that leave the base weight bit-for-bit unchanged, unmerge
 order, and mixed BAT + additive merges."""
 

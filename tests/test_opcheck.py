@@ -19,21 +19,38 @@ def _cases(device):
     g = torch.randn(8, 12, **f, requires_grad=True)
     xb = torch.randn(5, 12, **f, requires_grad=True)
     bias = torch.randn(8, **f, requires_grad=True)
+    # Mixed precision: bfloat16 activations/weights with float32 blocks.
+    bf = dict(device=device, dtype=torch.bfloat16)
+    xh = torch.randn(2, 3, 10, **bf, requires_grad=True)
+    wh = torch.randn(8, 12, **bf)
+    xbh = torch.randn(5, 12, **bf, requires_grad=True)
+    gh = torch.randn(5, 8, **bf, requires_grad=True)
     return {
-        "blocksum": [(x, 4), (x.detach(), 16)],
-        "blocksum_dropout": [(x, 4, 0.3, seed)],
-        "tile": [(s, 10), (s.detach(), 3)],
-        "tile_dropout": [(s, 10, 0.5, seed)],
-        "tile_add": [(x, s)],
-        "bat_transform": [(w, b), (w.detach(), b)],
+        "blocksum": [(x, 4), (x.detach(), 16), (xh, 4, torch.float32)],
+        "blocksum_dropout": [(x, 4, 0.3, seed), (xh, 4, 0.3, seed, torch.float32)],
+        "tile": [(s, 10), (s.detach(), 3), (s, 10, torch.bfloat16)],
+        "tile_dropout": [(s, 10, 0.5, seed), (s, 10, 0.5, seed, torch.float16)],
+        "tile_add": [(x, s), (xh, s)],
+        "bat_transform": [(w, b), (w.detach(), b), (wh, b, torch.bfloat16)],
         "bat_block_grad": [(g, w, 4)],
+        "bat_io_block_grad": [(torch.randn(5, 8, **f, requires_grad=True), xb, w, 4), (gh, xbh, wh, 4),
+                              (gh.detach(), xbh.detach(), wh, 2, torch.float64)],
         "bat_weight_grad": [(g, b)],
-        "bat_linear": [(xb, w, bias, [b]), (xb, w.detach(), None, [b, b])],
+        "bat_linear": [(xb, w, bias, [b]), (xb, w.detach(), None, [b, b]),
+                       (xbh, wh, bias.detach().bfloat16(), [b]), (xbh, wh, None, [b, b])],
         "bat_unmerge": [(w, b)],
         "miss_linear": [
             (xb, w.detach(), bias, torch.randn(4, 8, **f, requires_grad=True), 0.0, None),
             (xb, w, None, torch.randn(4, 2, **f, requires_grad=True), 0.25, seed),
+            (xbh, wh, None, torch.randn(4, 8, **f, requires_grad=True), 0.0, None),
+            (xbh, wh, bias.detach().bfloat16(), torch.randn(4, 2, **f, requires_grad=True), 0.25, seed),
         ],
+        "miss_add_product": [(torch.randn(5, 8, **f, requires_grad=True), torch.randn(5, 4, **f, requires_grad=True),
+                              torch.randn(4, 8, **f, requires_grad=True)),
+                             (gh, torch.randn(5, 4, **f, requires_grad=True), torch.randn(4, 8, **f, requires_grad=True))],
+        "miss_block_grads": [(torch.randn(5, 8, **f, requires_grad=True), torch.randn(5, 4, **f, requires_grad=True),
+                              torch.randn(4, 8, **f, requires_grad=True)),
+                             (gh, torch.randn(5, 4, **f), torch.randn(4, 8, **f, requires_grad=True))],
         "miss_merge": [(w, torch.randn(4, 8, **f, requires_grad=True), 1.0), (w, torch.randn(3, 2, **f), -1.0)],
     }
 

@@ -1,8 +1,8 @@
 """Bad input, nothing lost (issue #6).
 
 A table of bad calls (integer/bool tensors, mismatched dtypes and devices, wrong ranks, r <= 0,
-r > in_features, BAT/mini shapes that do not divide, meta tensors, a base without `weight` for
-BAT, NaN/Inf in a safe merge, a singular I + B_i in a BAT unmerge, ...). Each must raise an
+r > in_features, BAT/mini shapes that do not divide, meta tensors, merging a meta model, a base
+without `weight` for BAT, NaN/Inf in a safe merge, a singular I + B_i in a BAT unmerge, ...). Each must raise an
 error whose message names the argument and the rule, and afterwards every input tensor, and
 every parameter and buffer of the layer (and its adapter bookkeeping), must be bit-for-bit
 what it was before (NaN payloads included: the comparison is on the raw bytes).
@@ -122,10 +122,12 @@ OP_CASES = [
     ("miss_merge-int-block", lambda: [W8(), torch.ones(2, 8, dtype=torch.int64)], lambda w, b: ops.miss_merge(w, b, 1.0),
      RuntimeError, ["'block'", "must be float32"]),
     # mismatched dtypes
-    ("tile_add-dtypes", lambda: [torch.randn(2, 8), torch.randn(2, 4, dtype=torch.float64)], ops.tile_add,
-     RuntimeError, ["'base'", "'s'", "must have the same dtype"]),
-    ("bat_linear-dtypes", lambda: [torch.randn(2, 8, dtype=torch.bfloat16), W8(), B2()], lambda x, w, b: ops.bat_linear(x, w, None, [b]),
-     RuntimeError, ["'x'", "'blocks[i]'", "must have the same dtype"]),
+    # mismatched dtypes: the block side may be wider than the activation side (mixed
+    # precision), never narrower
+    ("tile_add-dtypes", lambda: [torch.randn(2, 8, dtype=torch.float64), torch.randn(2, 4)], ops.tile_add,
+     RuntimeError, ["'s'", "base's dtype", "wider float"]),
+    ("bat_linear-dtypes", lambda: [torch.randn(2, 8, dtype=torch.float64), W8(), B2()], lambda x, w, b: ops.bat_linear(x, w, None, [b]),
+     RuntimeError, ["every block", "x's dtype", "wider float"]),
     # wrong ranks
     ("blocksum-scalar", lambda: [torch.tensor(1.0)], lambda x: ops.blocksum(x, 1),
      RuntimeError, ["'x'", "at least 1 dimension"]),
@@ -204,7 +206,7 @@ OP_CASES = [
     ("miss_linear-dtypes", lambda: [torch.randn(2, 8, dtype=torch.float64), W12(), torch.randn(4, 12)],
      lambda x, w, b: ops.miss_linear(x, w, None, b, 0.0, None), RuntimeError, ["'x'", "'weight'", "must have the same dtype"]),
     ("miss_linear-block-dtype", lambda: [torch.randn(2, 8), W12(), torch.randn(4, 12, dtype=torch.bfloat16)],
-     lambda x, w, b: ops.miss_linear(x, w, None, b, 0.0, None), RuntimeError, ["'x'", "'block'", "must have the same dtype"]),
+     lambda x, w, b: ops.miss_linear(x, w, None, b, 0.0, None), RuntimeError, ["'block'", "x's dtype", "wider float"]),
     ("miss_linear-x-features", lambda: [torch.randn(2, 6), W12(), torch.randn(4, 12)],
      lambda x, w, b: ops.miss_linear(x, w, None, b, 0.0, None), RuntimeError, ["'x'", "must end in in_features = 8"]),
     ("miss_linear-3d-block", lambda: [torch.randn(2, 8), W12(), torch.randn(4, 12, 1)],
@@ -277,7 +279,7 @@ META_CASES = [
     ("tile-neg", lambda: ops.tile(torch.ones(2, 4, device="meta"), -1), ["'features'", ">= 0"]),
     ("bat_transform-indivisible", lambda: ops.bat_transform(torch.ones(8, 10, device="meta"), torch.ones(2, 4, 4, device="meta")), ["divisible by r"]),
     ("miss_merge-indivisible", lambda: ops.miss_merge(torch.ones(8, 8, device="meta"), torch.ones(2, 3, device="meta"), 1.0), ["divisible by block.shape[1]"]),
-    ("tile_add-dtypes", lambda: ops.tile_add(torch.ones(2, 8, device="meta"), torch.ones(2, 4, device="meta", dtype=torch.float64)), ["same dtype"]),
+    ("tile_add-dtypes", lambda: ops.tile_add(torch.ones(2, 8, device="meta", dtype=torch.float64), torch.ones(2, 4, device="meta")), ["base's dtype", "wider float"]),
     ("miss_linear-features", lambda: ops.miss_linear(torch.ones(2, 6, device="meta"), torch.ones(12, 8, device="meta"), None,
                                                      torch.ones(4, 12, device="meta"), 0.0, None), ["'x'", "in_features = 8"]),
     ("bat_unmerge-int", lambda: ops.bat_unmerge(torch.ones(8, 8, dtype=torch.int64, device="meta"), torch.ones(2, 4, 4, device="meta")), ["'weight'", "float32"]),
@@ -371,8 +373,11 @@ LAYER_CASES = [
      TypeError, ["BAT", "real 2-D `weight`", "LinearLike"]),
     ("merge-without-weight", lambda: _layer(base=LinearLike()), None, lambda l: l.merge(),
      TypeError, ["real 2-D `weight`", "LinearLike"]),
-    ("bat-meta-weight", lambda: _layer(base=nn.Linear(8, 12, device="meta")), None,
-     lambda l: l.update_layer("b", 4, init_weights="bat"), TypeError, ["real 2-D `weight`"]),
+    # A meta weight is fine for BAT (shapes only), but merging needs values (issue #13).
+    ("merge-meta-weight", lambda: _layer("bat", base=nn.Linear(8, 12, device="meta")), None,
+     lambda l: l.merge(), RuntimeError, ["meta device", "to_empty"]),
+    ("unmerge-meta-weight", _layer, lambda l: (l.merge(), l.to("meta")), lambda l: l.unmerge(),
+     RuntimeError, ["meta device"]),
     ("bat-forward-features", lambda: _layer("bat"), None, lambda l: l(torch.randn(3, 6)),
      RuntimeError, ["'x'", "must end in in_features = 8"]),
     ("merge-unknown", _layer, None, lambda l: l.merge(adapter_names=["nope"]), ValueError, ["unknown adapter", "nope"]),
@@ -479,7 +484,7 @@ def test_nan_inf_propagate_like_reference(variant, in_f, out_f, r, mini_r, p, dt
     assert torch.equal(y.isinf(), yr.isinf()), "Inf positions differ from the reference"
     assert torch.equal(y.isinf() & (y > 0), yr.isinf() & (yr > 0)), "Inf signs differ"
     # Backward: the same non-finite positions in every gradient. Only the positions: the mini
-    # backward sums G over the out/mini_r tiles before multiplying (SPEC section 2), where the
+    # backward sums G over the out/mini_r tiles before multiplying (docs/MATH.md section 2), where the
     # reference multiplies each tile first, and with infinities that reassociation may turn
     # (+inf) + (-inf) = NaN into a single inf or back. Standard and BAT match NaN for NaN.
     g = torch.randn(y.shape, dtype=dtype)

@@ -297,7 +297,7 @@ def test_bat_unmerge_parity(device, dtype, shp, lw, seed, data):
 
 
 def _ref_miss_linear(x, w, b, blk, p, seed):
-    """SPEC sections 1, 2, 4: (x W^T + b + tile_out(S @ Dm), S) with S = blocksum_r(dropout(x))."""
+    """docs/MATH.md sections 1, 2, 4: (x W^T + b + tile_out(S @ Dm), S) with S = blocksum_r(dropout(x))."""
     s = ref.blocksum(ref.apply_dropout(x, p, seed), blk.shape[0])
     y = F.linear(x, w, b) + s @ ref.mini_block_expand(blk, w.shape[0])
     return y, s
@@ -361,7 +361,7 @@ def _set_active(layer, names):
 
 
 def _reference_layer(x, w, bias, adapters, seeds):
-    """The SPEC forward of a MissLinear: BAT adapters compose into the weight, then every
+    """The docs/MATH.md (section 5) forward of a MissLinear: BAT adapters compose into the weight, then every
     standard/mini adapter adds its term, in order. ``seeds`` are the dropout seeds of the
     additive adapters with dropout, in order."""
     bat = [blk for kind, blk, p in adapters if kind == "bat"]

@@ -3,6 +3,10 @@
 * Every CPU kernel gives bit-identical results run to run, and with 1 vs 2 intra-op threads
   (torch.set_num_threads; restored after). Inputs are sized so the work really is split across
   threads (blocksum/tile/merge: several row grains; BAT: several 512-row chunks per slab).
+* The fused layer ops (bat_linear, miss_linear) end in the vendor GEMM of the frozen layer, whose
+  bits MKL lets depend on the thread count for long reductions (it splits K across threads on
+  Intel CPUs, as plain torch.mm does): they must be bit-identical run to run, and across thread
+  counts whenever a plain torch.mm of their GEMM's shape is.
 * Several Python threads running forward and backward on shared MissLinear layers at the same
   time get bit-identical results to each one running alone.
 """
@@ -52,23 +56,49 @@ KERNELS = {
     "bat_weight_grad": lambda t: ops.bat_weight_grad(t["g"], t["b"]),
     "bat_unmerge": lambda t: ops.bat_unmerge(t["w"], t["b"]),
     "miss_merge": lambda t: ops.miss_merge(t["w"], t["blk"], -1.0),
-    "bat_linear": lambda t: ops.bat_linear(t["x"].new_ones(64, 1280), t["w"], None, [t["b"]]),
-    "miss_linear": lambda t: torch.cat([o.flatten() for o in ops.miss_linear(t["g"][:, :300].contiguous(), t["x"][:128], None, t["blk"], 0.3, SEED)]),
+    "bat_io_block_grad": lambda t: ops.bat_io_block_grad(t["x"][:, :128].contiguous(), t["x"][:, :160].contiguous(),
+                                                         t["w"][:, :160].contiguous(), 16),
+    "miss_add_product": lambda t: ops.miss_add_product(t["x"][:, :32].contiguous(), t["s"][:, :4].float(),
+                                                       t["blk"][:4].float()),
+    "miss_block_grads": lambda t: torch.cat([o.flatten() for o in ops.miss_block_grads(
+        t["x"][:, :32].contiguous(), t["s"][:, :4].float(), t["blk"][:4].float())]),
+    "bat_transform-mixed": lambda t: ops.bat_transform(t["w"], t["b"].float(), t["w"].dtype),
 }
+
+# Ops that end in the frozen layer's vendor GEMM: (op, the shapes (m, k, n) of that GEMM).
+COMPOSITES = {
+    "bat_linear": (lambda t: ops.bat_linear(t["x"].new_ones(64, 1280), t["w"], None, [t["b"]]), (64, 1280, 128)),
+    "miss_linear": (lambda t: torch.cat([o.flatten() for o in ops.miss_linear(t["g"][:, :300].contiguous(), t["x"][:128], None, t["blk"], 0.3, SEED)]),
+                    (128, 300, 1024)),
+}
+
+
+def _runs(fn, t):
+    torch.set_num_threads(2)
+    first, again = fn(t), fn(t)
+    torch.set_num_threads(1)
+    return first, again, fn(t)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", list(KERNELS))
 def test_kernels_bit_identical_runs_and_threads(name, dtype, restore_threads):
-    t = _inputs(dtype)
-    fn = KERNELS[name]
-    torch.set_num_threads(2)
-    first = fn(t)
-    again = fn(t)
-    torch.set_num_threads(1)
-    single = fn(t)
+    first, again, single = _runs(KERNELS[name], _inputs(dtype))
     assert torch.equal(first, again), f"{name}: two runs differ"
     assert torch.equal(first, single), f"{name}: 1 thread and 2 threads differ"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(COMPOSITES))
+def test_layer_ops_bit_identical_runs_and_threads_as_vendor_gemm(name, dtype, restore_threads):
+    fn, (m, k, n) = COMPOSITES[name]
+    first, again, single = _runs(fn, _inputs(dtype))
+    assert torch.equal(first, again), f"{name}: two runs differ"
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(*s, generator=g).to(dtype) for s in ((m, k), (k, n)))
+    plain = _runs(lambda _: a @ b, None)
+    if torch.equal(plain[0], plain[2]):
+        assert torch.equal(first, single), f"{name}: 1 thread and 2 threads differ (torch.mm of its shape does not)"
 
 
 def _layers():

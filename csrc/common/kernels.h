@@ -21,23 +21,44 @@ struct DropoutArgs {
 };
 
 #define MISS_EXT_DECLARE_KERNELS                                                              \
-  /* x: (N, in), stride(1) == 1, any row stride. out: (N, r) contiguous, x's dtype.        */ \
-  /* out[n, c] = scale * sum_j keep(n*in + k) * x[n, k], k = j*r + c < in.                 */ \
+  /* x: (N, in), stride(1) == 1, any row stride. out: (N, r) contiguous, x's dtype or a     */ \
+  /* wider float (float32/float64: the mixed-precision block sum, x never copied).          */ \
+  /* out[n, c] = scale * sum_j keep(n*in + k) * x[n, k], k = j*r + c < in, accumulated in   */ \
+  /* the wider of the two dtypes' opmath types.                                             */ \
   void blocksum(const at::Tensor& x, int64_t r, const DropoutArgs& drop, at::Tensor& out);    \
-  /* s: (N, r) contiguous. base: undefined or (N, n) contiguous, s's dtype.                */ \
-  /* out: (N, n) contiguous. out[n, k] = base[n, k] + scale * keep(n*n + k) * s[n, k % r]. */ \
+  /* s: (N, r) contiguous, out's dtype or wider. base: undefined or (N, n) contiguous in    */ \
+  /* out's dtype. out: (N, n) contiguous.                                                   */ \
+  /* out[n, k] = base[n, k] + scale * keep(n*n + k) * s[n, k % r], rounded once.            */ \
   void tile(const at::Tensor& s, const at::Tensor& base, const DropoutArgs& drop,             \
             at::Tensor& out);                                                                 \
-  /* weight: (out, in) contiguous; block: (out/r, r, r) contiguous, same dtype.           */ \
-  /* out: like weight. W'_ij = W_ij (I + B_i) + B_i.                                       */ \
+  /* weight: (out, in) contiguous, any float dtype; block: (out/r, r, r) contiguous, the    */ \
+  /* weight's dtype or float32/float64; out: like weight, any float dtype.                 */ \
+  /* W'_ij = W_ij (I + B_i) + B_i; with all three dtypes equal the products run in that     */ \
+  /* dtype, else in the block's (float32/float64) precision, rounded once to out's dtype.   */ \
   void bat_transform(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out);     \
   /* grad, weight: (out, in) contiguous, same dtype. out: (out/r, r, r) contiguous.        */ \
   /* out_i = sum_j (W_ij + I)^T G_ij.                                                      */ \
   void bat_block_grad(const at::Tensor& grad, const at::Tensor& weight, int64_t r,            \
                       at::Tensor& out);                                                       \
+  /* grad: (N, out), x: (N, in), both stride(1) == 1, same dtype; weight: (out, in)         */ \
+  /* contiguous, any float dtype; out: (out/r, r, r) contiguous float32 (float64 when x is  */ \
+  /* float64). out_i = sum_j (W_ij + I)^T Gw_ij with Gw = grad^T x, all in out's precision: */ \
+  /* the BAT block gradient straight from the layer's input and output gradient.           */ \
+  void bat_io_block_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, \
+                         int64_t r, at::Tensor& out);                                         \
   /* grad: (out, in) contiguous; block: (out/r, r, r) contiguous, same dtype.             */ \
   /* out: like grad. out_ij = G_ij (I + B_i)^T.                                            */ \
   void bat_weight_grad(const at::Tensor& grad, const at::Tensor& block, at::Tensor& out);     \
+  /* base: (N, out) contiguous; s: (N, r), block: (r, out), both contiguous float32 or      */ \
+  /* float64; out: like base. out = base + s @ block, the product in the block's dtype,     */ \
+  /* rounded once to base's dtype (the standard mixed-precision forward).                   */ \
+  void miss_add_product(const at::Tensor& base, const at::Tensor& s, const at::Tensor& block, \
+                        at::Tensor& out);                                                     \
+  /* grad: (N, out) contiguous, any float dtype; s: (N, r), block: (r, out) contiguous      */ \
+  /* float32/float64; grad_block (r, out), grad_s (N, r): contiguous, the block's dtype.    */ \
+  /* grad_block = s^T grad, grad_s = grad block^T, in the block's precision.                */ \
+  void miss_block_grads(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& block, \
+                        at::Tensor& grad_block, at::Tensor& grad_s);                          \
   /* weight: (out, in) contiguous; block: (r, m) contiguous in float32 (float64 when the   */ \
   /* weight is float64), out % m == 0. out: like weight.                                   */ \
   /* out[o, k] = W[o, k] + alpha * block[k % r, o % m], computed in block's dtype.         */ \

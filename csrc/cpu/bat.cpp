@@ -1,5 +1,5 @@
 // CPU kernels of the BAT weight transform and its two gradients, on the copy-free layout of
-// SPEC section 3: weight.view(out/r, in, r) holds, in slab i, the rows of every block W_ij
+// docs/MATH.md section 3: weight.view(out/r, in, r) holds, in slab i, the rows of every block W_ij
 // (row t = a * (in/r) + j is row a of W_ij). A slab times an r x r matrix is then one GEMM:
 // no permuted copy of the weight is ever made.
 //
@@ -20,15 +20,19 @@
 #include <vector>
 
 #include "common/kernels.h"
+#include "cpu/blas_threads.h"
+#include "cpu/bat_mixed.h"
 
 namespace miss_ext {
 namespace cpu {
 namespace {
 
-// Rows of a slab per task of the block gradient: whole slabs when there are enough slabs to
-// keep the threads busy (one GEMM call each), else fixed chunks. A function of the shape only,
-// never of the thread count, so the summation order is the same on any number of threads.
-int64_t chunk_rows(int64_t n_slabs, int64_t rows) { return n_slabs >= 8 ? rows : 512; }
+constexpr int64_t kReductionChunk = 512;
+
+// Rows of a slab per task of the block gradient: fixed chunks, a function of the shape only, so
+// the summation order of the partials is the same on any number of threads, and short enough
+// (K <= 512) that no vendor GEMM splits a chunk's reduction across threads on its own.
+int64_t chunk_rows(int64_t, int64_t) { return kReductionChunk; }
 
 int64_t chunks_per_slab(int64_t rows, int64_t chunk) { return (rows + chunk - 1) / chunk; }
 
@@ -41,6 +45,7 @@ void for_each_chunk(int64_t n_slabs, int64_t rows, int64_t chunk, const F& fn) {
     // Worker threads do not inherit the caller's dispatch state: keep the at::mm calls below
     // autograd so they never record a graph on a weight that requires grad.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const SequentialBlas sequential_blas;  // products independent of the thread count
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / per, t0 = (task % per) * chunk;
       fn(task, i, t0, std::min(rows, t0 + chunk));
@@ -88,7 +93,7 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays Na
   return f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void add_rows_bf16(
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void add_rows_bf16(
     const uint16_t* w, const uint16_t* p, const uint16_t* b, uint16_t* o, int64_t rows, int64_t r) {
   for (int64_t t = 0; t < rows; ++t, w += r, p += r, o += r) {
     for (int64_t c = 0; c < r; ++c) {
@@ -171,6 +176,10 @@ void block_grad_kernel(const at::Tensor& grad, const at::Tensor& weight, int64_t
 }  // namespace
 
 void bat_transform(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out) {
+  if (block.scalar_type() != weight.scalar_type() || out.scalar_type() != weight.scalar_type()) {
+    bat_transform_mixed(weight, block, out);
+    return;
+  }
   // W'_ij = W_ij + (W_ij B_i + B_i)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
                                   "miss_ext_bat_transform",

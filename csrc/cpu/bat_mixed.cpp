@@ -1,0 +1,279 @@
+// CPU kernels of BAT with mixed precision (docs/MATH.md, mixed precision): a bf16/fp16 (or any)
+// weight with fp32/fp64 blocks.
+//
+//   bat_transform, mixed:  W' = W + (W B_i + B_i) formed in the blocks' precision from the stored
+//                          weight and rounded ONCE to the output dtype (the layer's compute dtype).
+//   bat_io_block_grad:     dL/dB_i = sum_j (W_ij + I)^T Gw_ij with Gw = G^T x, from the layer's
+//                          output gradient G and input x, accumulated in fp32 (fp64) and never
+//                          rounded to the half type; Gw is never materialised.
+//
+// On machines with bf16 micro-kernels (cpu/amx.h) the products run there: W is exact in bf16, an
+// fp32 operand enters as its hi + lo bf16 pieces (each product exact, fp32 accumulation), so the
+// result carries 16 of fp32's mantissa bits of that operand; everything else falls back to fp32
+// (fp64) GEMMs on converted chunks. Both paths are deterministic and independent of the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+#include "common/kernels.h"
+#include "cpu/blas_threads.h"
+#include "cpu/amx.h"
+#include "cpu/convert.h"
+#include "cpu/vec.h"
+
+namespace miss_ext {
+namespace cpu {
+namespace {
+
+using amx::bf16;
+
+// Rows of a slab per transform task: few, large brgemm calls (measured: 1024 rows take 25% less
+// time than 256), and the fp32 product of a task still fits in L2 for r up to 128.
+constexpr int64_t kTransformRows = 1024;
+
+// Calls fn(i, t0, t1) for every slab i and chunk [t0, t1) of its `rows` rows, in parallel.
+template <typename F>
+void for_slab_chunks(int64_t n_slabs, int64_t rows, int64_t chunk, const F& fn) {
+  const int64_t per = (rows + chunk - 1) / chunk;
+  at::parallel_for(0, n_slabs * per, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads: never record a graph
+    const SequentialBlas sequential_blas;  // products independent of the thread count
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / per, t0 = (task % per) * chunk;
+      fn(i, t0, std::min(rows, t0 + chunk));
+    }
+  });
+}
+
+// Rows [t0, t1) of a slab: out = w + (p + B_i[a(t), :]), p the product rows (row stride ldp, the
+// sum of `pieces` r-wide parts), rounded once to out_t. w, p and out point at row t0.
+template <typename w_t, typename out_t, typename acc_t>
+void transform_epilogue(const w_t* w, const acc_t* p, int64_t ldp, int pieces, const acc_t* blk,
+                        out_t* out, int64_t t0, int64_t t1, int64_t r, int64_t per_a) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const acc_t* prow = p + (t - t0) * ldp;
+    const acc_t* brow = blk + (t / per_a) * r;
+    const w_t* wrow = w + (t - t0) * r;
+    out_t* orow = out + (t - t0) * r;
+    for (int64_t c = 0; c < r; ++c) {
+      acc_t prod = prow[c];
+      for (int q = 1; q < pieces; ++q) prod += prow[q * r + c];
+      store<out_t>(orow + c, load<acc_t>(wrow + c) + (prod + brow[c]));
+    }
+  }
+}
+
+// weight bf16, block fp32 (contiguous), r % 16 == 0. B_i enters as bf16 pieces whose products
+// accumulate into one fp32 result: two pieces when W' is rounded to bf16 (16 bits of B are far
+// below that rounding), three (B exactly) for a float32 W'.
+template <typename out_t>
+void transform_amx(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out) {
+  const int64_t r = block.size(1), nb = block.size(0), in = weight.size(1), per_a = in / r;
+  const int pieces = std::is_same_v<out_t, float> ? 3 : 2;
+  const bf16* wp = weight.const_data_ptr<bf16>();
+  const float* bp = block.const_data_ptr<float>();
+  out_t* op = out.mutable_data_ptr<out_t>();
+  for_slab_chunks(nb, in, kTransformRows, [&](int64_t i, int64_t t0, int64_t t1) {
+    const float* bi = bp + i * r * r;
+    std::vector<uint16_t> parts(3 * r * r);
+    vec::split_bf16(bi, r * r, pieces, parts.data(), parts.data() + r * r, parts.data() + 2 * r * r);
+    std::vector<float> prod((t1 - t0) * r);
+    const bf16* w_rows = wp + (i * in + t0) * r;
+    for (int q = 0; q < pieces; ++q) {
+      amx::Panels b(r, r);
+      const bf16* part = reinterpret_cast<const bf16*>(parts.data() + q * r * r);
+      b.pack_rows(0, b.kp(), [&](int64_t k) { return part + k * r; });
+      amx::gemm(t1 - t0, w_rows, r, b, 0, b.count(), prod.data(), r, q > 0);
+    }
+    amx::release();
+    out_t* o = op + (i * in + t0) * r;
+    if constexpr (std::is_same_v<out_t, bf16>) {
+      // Runs of rows that share B_i's row a(t) = t / (in / r).
+      for (int64_t t = t0; t < t1;) {
+        const int64_t a = t / per_a, t_end = std::min(t1, (a + 1) * per_a);
+        vec::transform_rows_bf16(reinterpret_cast<const uint16_t*>(w_rows + (t - t0) * r),
+                                 prod.data() + (t - t0) * r, r, bi + a * r, t_end - t, r,
+                                 reinterpret_cast<uint16_t*>(o + (t - t0) * r));
+        t = t_end;
+      }
+    } else {
+      transform_epilogue<bf16, out_t, float>(w_rows, prod.data(), r, 1, bi, o, t0, t1, r, per_a);
+    }
+  });
+}
+
+// Any dtypes; block already in acc_t (float or double).
+template <typename out_t, typename acc_t>
+void transform_fallback(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out) {
+  const int64_t r = block.size(1), nb = block.size(0), in = weight.size(1), per_a = in / r;
+  const at::Tensor w3 = weight.view({nb, in, r});
+  const acc_t* bp = block.const_data_ptr<acc_t>();
+  out_t* op = out.mutable_data_ptr<out_t>();
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  for_slab_chunks(nb, in, kTransformRows, [&](int64_t i, int64_t t0, int64_t t1) {
+    const at::Tensor wc = w3[i].narrow(0, t0, t1 - t0).to(acc);
+    const at::Tensor p = at::mm(wc, block[i]);
+    transform_epilogue<acc_t, out_t, acc_t>(wc.const_data_ptr<acc_t>(), p.const_data_ptr<acc_t>(),
+                                            r, 1, bp + i * r * r, op + (i * in + t0) * r, t0,
+                                            t1, r, per_a);
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// dL/dB from (G, x, W), bf16, on the micro-kernels. For slab i and a chunk of input columns,
+//   Ct  = x_chunk^T G_i           (w x r, fp32: rows (j, c) of Gw_i^T, never rounded)
+//   D  += A3 Wrows                (3r x r, fp32)
+// where A3[q r + c, (j, a)] = piece_q(Ct[j r + c, a]) (Ct = piece_1 + piece_2 + piece_3 exactly)
+// and Wrows[(j, a), k] = W[i r + a, j r + k], so D = sum_j Gw_ij^T W_ij = (dL/dB_i - I-term)^T
+// with fp32 GEMM accuracy; the I-term sum_j Gw_ij is added from Ct directly. x^T and G are
+// prepared once; each task owns whole slabs, so nothing depends on the thread count.
+constexpr int kPieces = 3;
+
+void io_block_grad_amx(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                       int64_t r, at::Tensor& out) {
+  const int64_t n = grad.size(0), out_f = grad.size(1), in = x.size(1), nb = out_f / r;
+  const int64_t ldg = grad.stride(0), ldx = x.stride(0), kp = amx::padded_k(n);
+  const uint16_t* gp = reinterpret_cast<const uint16_t*>(grad.const_data_ptr<bf16>());
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr<bf16>());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(weight.const_data_ptr<bf16>());
+  float* op = out.mutable_data_ptr<float>();
+
+  // x^T (in x kp), the A operand of every Ct (aten's blocked transposing copy), zero-padded to
+  // an even K.
+  at::Tensor xt_t = at::empty({in, kp}, x.options());
+  xt_t.narrow(1, 0, n).copy_(x.t());
+  if (kp > n) xt_t.narrow(1, n, kp - n).zero_();
+  const uint16_t* xt = reinterpret_cast<const uint16_t*>(xt_t.const_data_ptr<bf16>());
+  amx::Panels pg(n, out_f);  // G as the B operand: panel p holds output columns [64p, 64p + 64)
+  at::parallel_for(0, pg.kp() / 2, 16, [&](int64_t b0, int64_t b1) {
+    pg.pack_rows(2 * b0, 2 * b1, [&](int64_t k) { return reinterpret_cast<const bf16*>(gp + k * ldg); });
+  });
+  // Column chunks of whole r-blocks, about 512 columns (Ct of a chunk stays in L2).
+  const int64_t chunk = std::min(in, r * std::max<int64_t>(1, 512 / r));
+  const int64_t width = kPieces * r;
+
+  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> ct(chunk * r), d(width * r), rowsum_t(r * r), wide;
+    std::vector<uint16_t> a3(width * chunk);
+    for (int64_t i = begin; i < end; ++i) {
+      std::fill(rowsum_t.begin(), rowsum_t.end(), 0.0f);
+      // The G panels holding slab i's r output columns: whole panels, or (r < 64) one panel
+      // shared with other slabs, of which only slab i's columns are kept.
+      const int64_t p0 = (i * r) / amx::kPanel, p1 = ((i + 1) * r - 1) / amx::kPanel + 1;
+      const int64_t col0 = pg.start(p0), cols = pg.start(p1 - 1) + pg.width(p1 - 1) - col0;
+      if (cols > r) wide.resize(chunk * cols);
+      for (int64_t c0 = 0; c0 < in; c0 += chunk) {
+        const int64_t w = std::min(in, c0 + chunk) - c0, blocks = w / r;
+        float* ctp = ct.data();
+        const bf16* a = reinterpret_cast<const bf16*>(xt + c0 * kp);
+        if (cols > r) {
+          amx::gemm(w, a, kp, pg, p0, p1, wide.data(), cols, false, col0);
+          for (int64_t t = 0; t < w; ++t)
+            std::memcpy(ctp + t * r, wide.data() + t * cols + (i * r - col0), r * sizeof(float));
+        } else {
+          amx::gemm(w, a, kp, pg, p0, p1, ctp, r, false, col0);
+        }
+        // The I-term: rowsum_t[c, a] += Ct[j r + c, a].
+        for (int64_t jj = 0; jj < blocks; ++jj) vec::add_f32(ctp + jj * r * r, r * r, rowsum_t.data());
+        // A3[q r + c, jj r + a] = piece_q(Ct[jj r + c, a]): each r-long run of Ct splits straight
+        // into its place in A3, no element transpose.
+        for (int64_t jj = 0; jj < blocks; ++jj)
+          for (int64_t c = 0; c < r; ++c) {
+            uint16_t* dst = a3.data() + c * w + jj * r;
+            vec::split_bf16(ctp + (jj * r + c) * r, r, kPieces, dst, dst + r * w, dst + 2 * r * w);
+          }
+        amx::Panels pw(w, r);
+        pw.pack_rows(0, pw.kp(), [&](int64_t k) {
+          return reinterpret_cast<const bf16*>(wp + (i * r + k % r) * in + c0 + (k / r) * r);
+        });
+        amx::gemm(width, reinterpret_cast<const bf16*>(a3.data()), w, pw, 0, pw.count(), d.data(), r,
+                  c0 > 0);
+      }
+      amx::release();
+      float* o = op + i * r * r;
+      for (int64_t k = 0; k < r; ++k)
+        for (int64_t c = 0; c < r; ++c)
+          o[k * r + c] = ((d[c * r + k] + d[(r + c) * r + k]) + d[(2 * r + c) * r + k]) + rowsum_t[c * r + k];
+    }
+  });
+}
+
+// Any dtypes: Gw for a group of slabs at a time in acc (out's dtype), then the fp32/fp64 block
+// gradient kernel on it. Groups are parallel tasks with sequential GEMMs inside, so the result
+// does not depend on the thread count.
+void io_block_grad_fallback(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                            int64_t r, at::Tensor& out) {
+  const auto acc = out.scalar_type();
+  const int64_t nb = weight.size(0) / r;
+  const at::Tensor xa = x.to(acc);
+  const at::Tensor ga = grad.to(acc);
+  // At most ~4M elements of Gw per group, and at least 8 groups when there are enough slabs.
+  const int64_t cap = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(1, r * x.size(1)));
+  const int64_t group = std::max<int64_t>(1, std::min(cap, (nb + 7) / 8));
+  for_slab_chunks(1, nb, group, [&](int64_t, int64_t s0, int64_t s1) {
+    const int64_t rows = (s1 - s0) * r;
+    // Over tokens in fixed chunks of 512, accumulated in order: no vendor GEMM gets a reduction
+    // long enough to split across threads (see cpu/blas_threads.h).
+    at::Tensor gw;
+    for (int64_t t0 = 0; t0 < ga.size(0); t0 += 512) {
+      const int64_t len = std::min<int64_t>(512, ga.size(0) - t0);
+      const at::Tensor a = ga.narrow(0, t0, len).narrow(1, s0 * r, rows).t();
+      const at::Tensor b = xa.narrow(0, t0, len);
+      if (t0 == 0) {
+        gw = at::mm(a, b);
+      } else {
+        gw.addmm_(a, b);
+      }
+    }
+    const at::Tensor wg = weight.narrow(0, s0 * r, rows).to(acc).contiguous();
+    at::Tensor o = out.narrow(0, s0, s1 - s0);
+    bat_block_grad(gw.contiguous(), wg, r, o);
+  });
+}
+
+}  // namespace
+
+void bat_transform_mixed(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out) {
+  const int64_t r = block.size(1);
+  const bool amx_ok = weight.scalar_type() == at::kBFloat16 && block.scalar_type() == at::kFloat &&
+                      (out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kFloat) &&
+                      amx::width_ok(r) && amx::available();
+  if (amx_ok) {
+    if (out.scalar_type() == at::kBFloat16) {
+      transform_amx<bf16>(weight, block, out);
+    } else {
+      transform_amx<float>(weight, block, out);
+    }
+    return;
+  }
+  // The weight is converted chunk by chunk, so only the output dtype is a template parameter.
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(),
+                                  "miss_ext_bat_transform_mixed", [&] {
+    if (block.scalar_type() == at::kDouble) {
+      transform_fallback<scalar_t, double>(weight, block, out);
+    } else {
+      transform_fallback<scalar_t, float>(weight, block, out);
+    }
+  });
+}
+
+void bat_io_block_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                       int64_t r, at::Tensor& out) {
+  const bool amx_ok = grad.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16 &&
+                      weight.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kFloat &&
+                      amx::width_ok(r) && amx::available();
+  if (amx_ok) {
+    io_block_grad_amx(grad, x, weight, r, out);
+  } else {
+    io_block_grad_fallback(grad, x, weight, r, out);
+  }
+}
+
+}  // namespace cpu
+}  // namespace miss_ext

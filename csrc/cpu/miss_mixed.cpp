@@ -1,0 +1,184 @@
+// CPU kernels of standard MiSS with mixed precision (docs/MATH.md, mixed precision): a
+// bf16/fp16 base (x, W, G = dL/dy) with an fp32/fp64 block D (r x out) and block sum S (N x r).
+//
+//   miss_add_product:  y = base + S D, the product in the block's precision, rounded once.
+//   miss_block_grads:  dL/dD = S^T G and dL/dS = G D^T, in the block's precision, G read as it is.
+//
+// The products are small (r columns), so their results never leave cache: each task makes a
+// chunk of the product and consumes it at once. With bf16 micro-kernels (cpu/amx.h) the backward
+// products use G exactly and the fp32 operand as bf16 pieces: three for S (hi + mid + lo is S
+// exactly, so dL/dD has fp32 GEMM accuracy) and two for D (dL/dS is rounded to the half type by
+// the caller, so 16 bits of D are plenty); otherwise fp32 GEMMs run on converted chunks.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "common/kernels.h"
+#include "cpu/blas_threads.h"
+#include "cpu/amx.h"
+#include "cpu/convert.h"
+#include "cpu/vec.h"
+
+namespace miss_ext {
+namespace cpu {
+namespace {
+
+using amx::bf16;
+
+constexpr int64_t kRowChunk = 64;     // rows of y per forward task (r x out product in L2)
+constexpr int64_t kGradRows = 128;    // rows of G per dL/dS task
+constexpr int64_t kGradCols = 256;    // columns of dL/dD per fallback task
+constexpr int64_t kTokenBlock = 512;  // reduction length per fallback GEMM call
+
+template <typename F>
+void parallel_tasks(int64_t n_tasks, const F& fn) {
+  at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads: never record a graph
+    const SequentialBlas sequential_blas;  // products independent of the thread count
+    for (int64_t t = begin; t < end; ++t) fn(t);
+  });
+}
+
+template <typename out_t, typename acc_t>
+void add_product_kernel(const at::Tensor& base, const at::Tensor& s, const at::Tensor& block,
+                        at::Tensor& out) {
+  const int64_t n = base.size(0), out_f = base.size(1);
+  const out_t* bp = base.const_data_ptr<out_t>();
+  out_t* op = out.mutable_data_ptr<out_t>();
+  parallel_tasks((n + kRowChunk - 1) / kRowChunk, [&](int64_t task) {
+    const int64_t t0 = task * kRowChunk, t1 = std::min(n, t0 + kRowChunk);
+    const at::Tensor p = at::mm(s.narrow(0, t0, t1 - t0), block);
+    const acc_t* pp = p.const_data_ptr<acc_t>();
+    if constexpr (std::is_same_v<out_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+      vec::add_bf16(reinterpret_cast<const uint16_t*>(bp + t0 * out_f), pp, (t1 - t0) * out_f,
+                    reinterpret_cast<uint16_t*>(op + t0 * out_f));
+    } else {
+      for (int64_t t = t0; t < t1; ++t) {
+        const out_t* b = bp + t * out_f;
+        const acc_t* prow = pp + (t - t0) * out_f;
+        out_t* o = op + t * out_f;
+        for (int64_t c = 0; c < out_f; ++c) store<out_t>(o + c, load<acc_t>(b + c) + prow[c]);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+void block_grads_fallback(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& block,
+                          at::Tensor& grad_block, at::Tensor& grad_s) {
+  const int64_t n = grad.size(0), out_f = grad.size(1);
+  const auto acc = block.scalar_type();
+  const at::Tensor block_t = block.t();
+  parallel_tasks((n + kGradRows - 1) / kGradRows, [&](int64_t task) {
+    const int64_t t0 = task * kGradRows, len = std::min(n, t0 + kGradRows) - t0;
+    at::Tensor dst = grad_s.narrow(0, t0, len);
+    // The reduction over out_features in chunks accumulated in order (see cpu/blas_threads.h).
+    for (int64_t c0 = 0; c0 < out_f; c0 += kTokenBlock) {
+      const int64_t w = std::min(out_f, c0 + kTokenBlock) - c0;
+      const at::Tensor gf = grad.narrow(0, t0, len).narrow(1, c0, w).to(acc);
+      if (c0 == 0) {
+        at::mm_out(dst, gf, block_t.narrow(0, c0, w));
+      } else {
+        dst.addmm_(gf, block_t.narrow(0, c0, w));
+      }
+    }
+  });
+  const at::Tensor s_t = s.t();
+  parallel_tasks((out_f + kGradCols - 1) / kGradCols, [&](int64_t task) {
+    const int64_t c0 = task * kGradCols, w = std::min(out_f, c0 + kGradCols) - c0;
+    at::Tensor dst = grad_block.narrow(1, c0, w);
+    for (int64_t t0 = 0; t0 < n; t0 += kTokenBlock) {
+      const int64_t len = std::min(n, t0 + kTokenBlock) - t0;
+      const at::Tensor gf = grad.narrow(0, t0, len).narrow(1, c0, w).to(acc);
+      if (t0 == 0) {
+        at::mm_out(dst, s_t.narrow(1, t0, len), gf);
+      } else {
+        dst.addmm_(s_t.narrow(1, t0, len), gf);
+      }
+    }
+  });
+}
+
+// grad bf16 (N x out), s and block fp32; out % 16 == 0, r % 8 == 0.
+void block_grads_amx(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& block,
+                     at::Tensor& grad_block, at::Tensor& grad_s) {
+  const int64_t n = grad.size(0), out_f = grad.size(1), r = block.size(0);
+  const int64_t ldg = grad.stride(0);
+  const bf16* gp = grad.const_data_ptr<bf16>();
+  const float* sp = s.const_data_ptr<float>();
+  const float* dp = block.const_data_ptr<float>();
+
+  // dL/dS = G [hi(D) | lo(D)]^T: B row k = column k of D, in pieces.
+  amx::Panels pd(out_f, 2 * r);
+  {
+    std::vector<bf16> rows(out_f * 2 * r);
+    for (int64_t k = 0; k < out_f; ++k)
+      for (int64_t c = 0; c < r; ++c)
+        amx::split_bf16(dp[c * out_f + k], &rows[k * 2 * r + c], 2, r);
+    pd.pack_rows(0, pd.kp(), [&](int64_t k) { return rows.data() + k * 2 * r; });
+  }
+  float* gsp = grad_s.mutable_data_ptr<float>();
+  parallel_tasks((n + kGradRows - 1) / kGradRows, [&](int64_t task) {
+    const int64_t t0 = task * kGradRows, len = std::min(n, t0 + kGradRows) - t0;
+    std::vector<float> c(len * 2 * r);
+    amx::gemm(len, gp + t0 * ldg, ldg, pd, 0, pd.count(), c.data(), 2 * r, false);
+    amx::release();
+    for (int64_t t = 0; t < len; ++t)
+      for (int64_t cc = 0; cc < r; ++cc)
+        gsp[(t0 + t) * r + cc] = c[t * 2 * r + cc] + c[t * 2 * r + r + cc];
+  });
+
+  // dL/dD = [S1; S2; S3]^T G with S = S1 + S2 + S3 exactly (three bf16 pieces).
+  const int64_t kp = amx::padded_k(n);
+  std::vector<bf16> a(3 * r * kp, bf16(0.0f));
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t c = 0; c < r; ++c) amx::split_bf16(sp[t * r + c], &a[c * kp + t], 3, r * kp);
+  }
+  float* gbp = grad_block.mutable_data_ptr<float>();
+  const int64_t n_panels = (out_f + amx::kPanel - 1) / amx::kPanel;
+  parallel_tasks(n_panels, [&](int64_t task) {
+    const int64_t c0 = task * amx::kPanel, w = std::min(out_f, c0 + amx::kPanel) - c0;
+    amx::Panels pg(n, w);
+    pg.pack_rows(0, pg.kp(), [&](int64_t k) { return gp + k * ldg + c0; });
+    std::vector<float> c(3 * r * w);
+    amx::gemm(3 * r, a.data(), kp, pg, 0, pg.count(), c.data(), w, false);
+    amx::release();
+    for (int64_t row = 0; row < r; ++row)
+      for (int64_t j = 0; j < w; ++j)
+        gbp[row * out_f + c0 + j] =
+            (c[row * w + j] + c[(r + row) * w + j]) + c[(2 * r + row) * w + j];
+  });
+}
+
+}  // namespace
+
+void miss_add_product(const at::Tensor& base, const at::Tensor& s, const at::Tensor& block,
+                      at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(),
+                                  "miss_ext_miss_add_product", [&] {
+    if (block.scalar_type() == at::kDouble) {
+      add_product_kernel<scalar_t, double>(base, s, block, out);
+    } else {
+      add_product_kernel<scalar_t, float>(base, s, block, out);
+    }
+  });
+}
+
+void miss_block_grads(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& block,
+                      at::Tensor& grad_block, at::Tensor& grad_s) {
+  const bool amx_ok = grad.scalar_type() == at::kBFloat16 && block.scalar_type() == at::kFloat &&
+                      amx::width_ok(grad.size(1)) && amx::width_ok(2 * block.size(0)) &&
+                      grad.size(0) > 0 && amx::available();
+  if (amx_ok) {
+    block_grads_amx(grad, s, block, grad_block, grad_s);
+  } else {
+    block_grads_fallback(grad, s, block, grad_block, grad_s);
+  }
+}
+
+}  // namespace cpu
+}  // namespace miss_ext

@@ -1,0 +1,39 @@
+// The bfloat16 <-> float32 loops of the mixed-precision CPU kernels, compiled for AVX-512, AVX2
+// and a portable baseline (picked at load time): the extension itself is built for baseline
+// x86-64, where these passes over activation- and weight-sized data would run SSE2-wide.
+// bfloat16 values are raw uint16_t bits; rounding is to nearest even, NaN stays NaN.
+#pragma once
+
+#include <cstdint>
+
+namespace miss_ext {
+namespace cpu {
+namespace vec {
+
+// acc[c] += row[j * r + c] over the whole row (n values; the last block may be partial).
+void blocksum_bf16(const uint16_t* row, int64_t n, int64_t r, float* acc);
+
+// out[k] = bf16(base[k] + s[k % r]) for k < n; base null: bf16(s[k % r]).
+void tile_bf16(const uint16_t* base, const float* s, int64_t r, int64_t n, uint16_t* out);
+
+// out[k] = bf16(base[k] + p[k]) for k < n.
+void add_bf16(const uint16_t* base, const float* p, int64_t n, uint16_t* out);
+
+// Rows of r: out[t, c] = bf16(w[t, c] + (p[t, c] + b[c])), p with row stride ldp, b one row
+// shared by all `rows` rows (the BAT transform's epilogue).
+void transform_rows_bf16(const uint16_t* w, const float* p, int64_t ldp, const float* b,
+                         int64_t rows, int64_t r, uint16_t* out);
+
+// f[k] = p1[k] + p2[k] (+ p3[k]): `pieces` (2 or 3) bf16 pieces, each the rounded rest of the
+// ones before (three hold any normal float exactly). p3 may be null when pieces == 2.
+void split_bf16(const float* f, int64_t n, int pieces, uint16_t* p1, uint16_t* p2, uint16_t* p3);
+
+// dst[2k] = a[k], dst[2k + 1] = b[k] (b null: 0), for k < n: a row pair in VNNI order.
+void interleave_bf16(const uint16_t* a, const uint16_t* b, int64_t n, uint16_t* dst);
+
+// dst[k] += src[k] for k < n.
+void add_f32(const float* src, int64_t n, float* dst);
+
+}  // namespace vec
+}  // namespace cpu
+}  // namespace miss_ext
