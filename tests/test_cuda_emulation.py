@@ -40,6 +40,9 @@ pytestmark = pytest.mark.skipif(
 ops = torch.ops.miss_ext
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 DT_NAME = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# The wider dtypes that hold each dtype (the mixed-precision pairs of csrc/common/kernels.h).
+WIDER = {torch.float16: [torch.float32, torch.float64], torch.bfloat16: [torch.float32, torch.float64],
+         torch.float32: [torch.float64], torch.float64: []}
 
 
 def _run(exe, *args, timeout=600):
@@ -126,11 +129,11 @@ def _write(t: torch.Tensor, path: Path, ld: int = -1, off: int = 0) -> str:
 
 def _io_cases(tmp: Path):
     """(manifest line, CPU result, exact) for every kernel, with the CPU operator's result."""
-    g = torch.Generator().manual_seed(11)
+    gen = torch.Generator().manual_seed(11)
     cases = []
 
     def rnd(*shape, dtype, scale=1.0):
-        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+        return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype)
 
     def add(op, expected, exact, **args):
         n = len(cases)
@@ -177,6 +180,28 @@ def _io_cases(tmp: Path):
             add("bat_transform", ops.bat_transform(w, b), False, weight=w, block=b)
             add("bat_weight_grad", ops.bat_weight_grad(gr, b), False, grad=gr, block=b)
             add("bat_block_grad", ops.bat_block_grad(gr, w, r), False, grad=gr, weight=w, r=r)
+        # Mixed precision: a narrower dtype with a wider (float32/float64) one, the pairs of
+        # csrc/common/kernels.h. Masks and tiles bit for bit, the products within tolerance.
+        for wide in WIDER[dt]:
+            x = rnd(3, 37, dtype=dt)
+            add("blocksum", ops.blocksum_dropout(x, 37, 0.3, torch.tensor([seeds[1]]), dtype=wide), True,
+                x=x, r=37, p="0.3", seed=seeds[1], dtype=DT_NAME[wide])
+            x = rnd(4, 1000, dtype=dt)
+            add("blocksum", ops.blocksum(x, 7, dtype=wide), False, x=x, r=7, p="0.0", seed=0, dtype=DT_NAME[wide])
+            s, base = rnd(4, 7, dtype=wide), rnd(4, 33, dtype=dt)
+            add("tile", ops.tile(s, 33, dtype=dt), True, s=s, features=33, p="0.0", seed=0, dtype=DT_NAME[dt])
+            add("tile", ops.tile_dropout(s, 33, 0.3, torch.tensor([seeds[0]]), dtype=dt), True, s=s, features=33,
+                p="0.3", seed=seeds[0], dtype=DT_NAME[dt])
+            add("tile", ops.tile_add(base, s), True, s=s, base=base, features=33, p="0.0", seed=0)
+            w, b = rnd(96, 192, dtype=dt), rnd(2, 48, 48, dtype=wide, scale=0.1)
+            add("bat_transform", ops.bat_transform(w, b, dtype=dt), False, weight=w, block=b, dtype=DT_NAME[dt])
+            base, s, blk, g = rnd(5, 64, dtype=dt), rnd(5, 16, dtype=wide), rnd(16, 64, dtype=wide), rnd(5, 64, dtype=dt)
+            add("miss_add_product", ops.miss_add_product(base, s, blk), False, base=base, s=s, block=blk)
+            gb, gs = ops.miss_block_grads(g, s, blk)
+            add("miss_block_grads", gb, False, grad=g, s=s, block=blk, which="block")
+            add("miss_block_grads", gs, False, grad=g, s=s, block=blk, which="s")
+        g, x, w = rnd(9, 96, dtype=dt), rnd(9, 192, dtype=dt), rnd(96, 192, dtype=torch.bfloat16)
+        add("bat_io_block_grad", ops.bat_io_block_grad(g, x, w, 48), False, grad=g, x=x, weight=w, r=48)
     return cases
 
 

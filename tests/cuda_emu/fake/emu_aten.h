@@ -26,7 +26,7 @@
 #include "emu_cuda.h"
 
 namespace c10 {
-enum class ScalarType { Float, Double, Half, BFloat16, Long };
+enum class ScalarType { Float, Double, Half, BFloat16, Long, Undefined };
 template <class T>
 struct CppTypeToScalarType;
 template <>
@@ -184,6 +184,27 @@ class Tensor {
   T* mutable_data_ptr() const {
     return data_ptr<T>();
   }
+  // Views and copies that the CUDA launchers' composites use (cuBLAS products around our
+  // kernels, csrc/cuda/mixed.cu), with ATen's semantics: narrow and t are views, contiguous
+  // and to return the tensor itself when nothing changes, else a new packed tensor.
+  Tensor narrow(int64_t d, int64_t start, int64_t length) const {
+    if (d < 0) d += dim();
+    if (start < 0 || length < 0 || start + length > sz.at(d)) throw std::runtime_error("narrow: out of range");
+    Tensor v = *this;
+    v.off += start * sd[d];
+    v.sz[d] = length;
+    return v;
+  }
+  Tensor t() const {
+    if (dim() != 2) throw std::runtime_error("t(): expects a 2-D tensor");
+    Tensor v = *this;
+    std::swap(v.sz[0], v.sz[1]);
+    std::swap(v.sd[0], v.sd[1]);
+    return v;
+  }
+  Tensor contiguous() const;
+  Tensor to(ScalarType t) const;
+  Tensor& copy_(const Tensor& src);
   Tensor& zero_() {
     std::vector<int64_t> idx(sz.size(), 0);
     const int64_t n = numel();
@@ -197,6 +218,38 @@ class Tensor {
   }
 };
 
+// Element `offset` (from data_ptr()) of t, as a double; and storing v rounded to t's dtype (via
+// float for the half types, as c10's conversions from double do).
+inline double element(const Tensor& t, int64_t offset) {
+  const void* p = t.data_ptr();
+  switch (t.dt) {
+    case kFloat: return static_cast<const float*>(p)[offset];
+    case kDouble: return static_cast<const double*>(p)[offset];
+    case kHalf: return static_cast<float>(static_cast<const c10::Half*>(p)[offset]);
+    case kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[offset]);
+    default: throw std::runtime_error("emulator: no elements of this dtype");
+  }
+}
+inline void set_element(const Tensor& t, int64_t offset, double v) {
+  void* p = t.data_ptr();
+  switch (t.dt) {
+    case kFloat: static_cast<float*>(p)[offset] = static_cast<float>(v); break;
+    case kDouble: static_cast<double*>(p)[offset] = v; break;
+    case kHalf: static_cast<c10::Half*>(p)[offset] = c10::Half(static_cast<float>(v)); break;
+    case kBFloat16: static_cast<c10::BFloat16*>(p)[offset] = c10::BFloat16(static_cast<float>(v)); break;
+    default: throw std::runtime_error("emulator: no elements of this dtype");
+  }
+}
+// Offset from data_ptr() of logical element e (row-major over t's sizes).
+inline int64_t offset_of(const Tensor& t, int64_t e) {
+  int64_t o = 0;
+  for (int64_t d = t.dim() - 1; d >= 0; --d) {
+    o += (e % t.sz[d]) * t.sd[d];
+    e /= t.sz[d];
+  }
+  return o;
+}
+
 inline Tensor empty(std::vector<int64_t> sizes, TensorOptions o) {
   Tensor t;
   t.sz = sizes;
@@ -209,6 +262,65 @@ inline Tensor empty(std::vector<int64_t> sizes, TensorOptions o) {
   }
   t.buf = std::make_shared<emu::Buffer>(static_cast<size_t>(s) * c10::elementSize(o.dt));
   return t;
+}
+
+inline Tensor empty_like(const Tensor& t) { return empty(t.sz, t.options()); }
+
+inline Tensor& Tensor::copy_(const Tensor& src) {
+  if (src.sz != sz) throw std::runtime_error("copy_: sizes differ");
+  for (int64_t e = 0; e < numel(); ++e) set_element(*this, offset_of(*this, e), element(src, offset_of(src, e)));
+  return *this;
+}
+inline Tensor Tensor::contiguous() const {
+  if (is_contiguous()) return *this;
+  Tensor c = empty(sz, options());
+  return c.copy_(*this);
+}
+inline Tensor Tensor::to(ScalarType t) const {
+  if (t == dt) return *this;
+  Tensor c = empty(sz, TensorOptions().dtype(t));
+  return c.copy_(*this);
+}
+
+// cuBLAS products, as ATen checks and computes them: sums in double, rounded once to the
+// result's dtype (cuBLAS accumulates in fp32, so its sums can differ in the last bits; the
+// tests' tolerances cover that, not its rounding order).
+inline void mm_into(Tensor& out, const Tensor& a, const Tensor& b) {
+  if (a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0))
+    throw std::runtime_error("mm: a (n, k) and b (k, m) expected");
+  if (out.dim() != 2 || out.size(0) != a.size(0) || out.size(1) != b.size(1))
+    throw std::runtime_error("mm: out must be (n, m)");
+  const int64_t n = a.size(0), k = a.size(1), m = b.size(1);
+  std::vector<double> av(n * k), bv(k * m);
+  for (int64_t i = 0; i < n * k; ++i) av[i] = element(a, (i / k) * a.sd[0] + (i % k) * a.sd[1]);
+  for (int64_t i = 0; i < k * m; ++i) bv[i] = element(b, (i / m) * b.sd[0] + (i % m) * b.sd[1]);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < m; ++j) {
+      double s = 0;
+      for (int64_t q = 0; q < k; ++q) s += av[i * k + q] * bv[q * m + j];
+      set_element(out, i * out.sd[0] + j * out.sd[1], s);
+    }
+}
+inline Tensor mm(const Tensor& a, const Tensor& b) {
+  if (a.dt != b.dt) throw std::runtime_error(emu::cat("mm: expected both operands in one dtype, got ", a.dt, " and ", b.dt));
+  Tensor out = empty({a.size(0), b.size(1)}, a.options());
+  mm_into(out, a, b);
+  return out;
+}
+// mm.dtype: half-type operands with a float32 result (or the operands' own dtype).
+inline Tensor mm(const Tensor& a, const Tensor& b, ScalarType out_dtype) {
+  if (a.dt != b.dt) throw std::runtime_error(emu::cat("mm: expected both operands in one dtype, got ", a.dt, " and ", b.dt));
+  if (!(out_dtype == a.dt || (out_dtype == kFloat && (a.dt == kHalf || a.dt == kBFloat16))))
+    throw std::runtime_error(emu::cat("mm: out_dtype ", out_dtype, " must be the operands' (", a.dt, ") or float32 for half types"));
+  Tensor out = empty({a.size(0), b.size(1)}, TensorOptions().dtype(out_dtype));
+  mm_into(out, a, b);
+  return out;
+}
+inline Tensor& mm_out(Tensor& out, const Tensor& a, const Tensor& b) {
+  if (a.dt != b.dt || out.dt != a.dt)
+    throw std::runtime_error(emu::cat("mm_out: expected one dtype, got ", a.dt, ", ", b.dt, " into ", out.dt));
+  mm_into(out, a, b);
+  return out;
 }
 
 namespace cuda {

@@ -1,20 +1,25 @@
 // blocksum (csrc/cuda/blocksum.cu): out[n, c] = scale * sum_j keep(n*in + k) x[n, k], k = j*r + c.
 // Paths: 16-byte vector units or scalar (layout, offset and r decide), grouped threads
 // (r-block narrower than a row's threads) or wide ones, one pass or split rows with a
-// finishing kernel, dropout or not, grid-stride finishing loops on small devices.
+// finishing kernel, dropout or not, grid-stride finishing loops on small devices; and the
+// mixed-precision sums into a wider output (a bf16/fp16 x into float32, anything into float64).
 #include "emu_test.h"
 
 namespace {
 using namespace emu_test;
 
 // ld < 0: packed rows; off: storage offset in elements.
-void blocksum_case(ScalarType dt, int64_t n, int64_t in, int64_t r, double p, int64_t ld = -1, int64_t off = 0) {
+// out_dt: the output's dtype (x's, or a wider one: the mixed-precision sum).
+void blocksum_case(ScalarType dt, int64_t n, int64_t in, int64_t r, double p, int64_t ld = -1, int64_t off = 0,
+                   ScalarType out_dt = ScalarType::Undefined) {
+  if (out_dt == ScalarType::Undefined) out_dt = dt;
   Tensor x = make(dt, {n, in}, 1.0, ld, off);
-  Tensor out = poisoned(dt, {n, r});
+  Tensor out = poisoned(out_dt, {n, r});
   const miss_ext::DropoutArgs d = dropout(p, 0x9E3779B97F4A7C15ull);
   const std::string name = label("blocksum", dt, {n, in, r},
                                  "p=" + std::to_string(p).substr(0, 4) + " ld=" + std::to_string(x.stride(0)) +
-                                     " off=" + std::to_string(off));
+                                     " off=" + std::to_string(off) +
+                                     (out_dt != dt ? std::string(" into ") + dtype_name(out_dt) : ""));
   if (!call(name, {&x}, {&out}, [&] { miss_ext::cuda::blocksum(x, r, d, out); })) return;
   if (n == 0) return;  // nothing to write; call() saw that nothing was
   const std::vector<double> xv = values(x);
@@ -69,6 +74,25 @@ EMU_SUITE(blocksum_small_devices, "blocksum on 1 and 8 SMs: other split counts, 
       blocksum_case(dt, 3, 4096, 1024, 0.0);
       blocksum_case(dt, 2, 40000, 8, 0.3);
       blocksum_case(dt, 5, 3000, 7, 0.0, 3011, 1);
+    }
+  }
+}
+
+EMU_SUITE(blocksum_mixed, "blocksum into a wider output (mixed precision): every pair, layout and path") {
+  for (ScalarType dt : dtypes()) {
+    const int64_t V = 16 / static_cast<int64_t>(c10::elementSize(dt));
+    for (ScalarType wide : wider_than(dt)) {
+      for (const auto& s : std::vector<std::array<int64_t, 3>>{
+               {7, 64, 4}, {3, 100, 7}, {5, 33, 64}, {2, 6000, 16}, {33, 512, 512}, {1, 16384, 1024}, {1, 1, 1}}) {
+        const int64_t n = s[0], in = s[1], r = s[2];
+        blocksum_case(dt, n, in, r, 0.0, -1, 0, wide);
+        blocksum_case(dt, n, in, r, 0.3, -1, 0, wide);
+        blocksum_case(dt, n, in, r, 0.0, in + 5, 2, wide);
+        blocksum_case(dt, n, in, r, 0.3, (in + V - 1) / V * V + 2 * V, V, wide);
+      }
+      blocksum_case(dt, 4, 0, 3, 0.0, -1, 0, wide);
+      WithDevice dev({1, 9});
+      blocksum_case(dt, 1, 20000, 9000, 0.2, -1, 0, wide);
     }
   }
 }

@@ -6,26 +6,6 @@
 namespace {
 using namespace emu_test;
 
-// Runs fn, which must produce at least one failure whose message contains `expect`; those
-// failures are expected and not counted.
-void expect_caught(const std::string& fault, const std::string& expect, const std::function<void()>& fn) {
-  std::vector<std::string> got;
-  const Stats saved = stats;
-  captured_failures = &got;
-  fn();
-  captured_failures = nullptr;
-  stats = saved;
-  ++stats.checks;
-  for (const std::string& m : got) {
-    if (m.find(expect) != std::string::npos) {
-      printf("caught %-22s %s\n", fault.c_str(), m.c_str());
-      return;
-    }
-  }
-  report_failure("selftest: fault '" + fault + "' was not caught (expected a failure mentioning '" + expect + "'" +
-                 (got.empty() ? std::string(", got none)") : ", got: " + got[0] + ")"));
-}
-
 std::vector<double> zeros(size_t n) { return std::vector<double>(n, 0.0); }
 
 void rotate_case(bool sync) {

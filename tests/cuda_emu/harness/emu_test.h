@@ -76,48 +76,31 @@ inline void report_failure(const std::string& what) {
 }
 
 // ---------------------------------------------------------------------------- elements
-// Element `i` counted from data_ptr(), as double.
-inline double get(const Tensor& t, int64_t i) {
-  switch (t.dt) {
-    case at::kFloat: return static_cast<const float*>(t.data_ptr())[i];
-    case at::kDouble: return static_cast<const double*>(t.data_ptr())[i];
-    case at::kHalf: return static_cast<float>(static_cast<const c10::Half*>(t.data_ptr())[i]);
-    case at::kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(t.data_ptr())[i]);
-    default: abort();
-  }
-}
-// Stores v rounded to t's dtype (through float for the half types, as the kernels round).
-inline void set(Tensor& t, int64_t i, double v) {
-  switch (t.dt) {
-    case at::kFloat: static_cast<float*>(t.data_ptr())[i] = static_cast<float>(v); break;
-    case at::kDouble: static_cast<double*>(t.data_ptr())[i] = v; break;
-    case at::kHalf: static_cast<c10::Half*>(t.data_ptr())[i] = c10::Half(static_cast<float>(v)); break;
-    case at::kBFloat16: static_cast<c10::BFloat16*>(t.data_ptr())[i] = c10::BFloat16(static_cast<float>(v)); break;
-    default: abort();
-  }
-}
+// Element `i` counted from data_ptr(), as double; storing v rounded to t's dtype.
+inline double get(const Tensor& t, int64_t i) { return at::element(t, i); }
+inline void set(Tensor& t, int64_t i, double v) { at::set_element(t, i, v); }
 // v rounded to dtype dt, as a double.
 inline double round_to(ScalarType dt, double v) {
   Tensor t = at::empty({1}, at::TensorOptions().dtype(dt));
   set(t, 0, v);
   return get(t, 0);
 }
-
 // Offset from data_ptr() of logical element `e` (row-major over t's sizes).
-inline int64_t elem_offset(const Tensor& t, int64_t e) {
-  int64_t o = 0;
-  for (int64_t d = t.dim() - 1; d >= 0; --d) {
-    o += (e % t.sz[d]) * t.sd[d];
-    e /= t.sz[d];
-  }
-  return o;
-}
+inline int64_t elem_offset(const Tensor& t, int64_t e) { return at::offset_of(t, e); }
 
 // The logical values of t, row-major, as doubles.
 inline std::vector<double> values(const Tensor& t) {
   std::vector<double> v(t.numel());
   for (int64_t e = 0; e < t.numel(); ++e) v[e] = get(t, elem_offset(t, e));
   return v;
+}
+
+// Dtypes a kernel may widen `from` into (kernels.h: float32 holds the half types, float64 all).
+inline std::vector<ScalarType> wider_than(ScalarType from) {
+  std::vector<ScalarType> w;
+  if (from == at::kHalf || from == at::kBFloat16) w.push_back(at::kFloat);
+  if (from != at::kDouble) w.push_back(at::kDouble);
+  return w;
 }
 
 // ---------------------------------------------------------------------------- tensors
@@ -240,16 +223,21 @@ inline double acc_unit(ScalarType dt) { return dt == at::kDouble ? 0x1p-53 : 0x1
 
 // Compares out (any layout) with ref, element by element. The tolerance allows the output's
 // rounding (2 units of |ref|) plus the accumulation's (64 units of the sum of |terms|, `mag`);
-// exact: bit-for-bit equal values (ref must then already be rounded like the kernel).
+// `precision`: the dtype the kernel computes in when coarser than out's (a float32 block's
+// products written to a float64 output). exact: bit-for-bit equal values (ref must then
+// already be rounded like the kernel).
 inline void check(const std::string& name, const Tensor& out, const std::vector<double>& ref,
-                  const std::vector<double>& mag, bool exact = false) {
+                  const std::vector<double>& mag, bool exact = false,
+                  ScalarType precision = ScalarType::Undefined) {
   ++stats.checks;
   const std::vector<double> got = values(out);
+  const ScalarType p = precision == ScalarType::Undefined ? out.dt : precision;
+  const double out_unit = std::max(unit(out.dt), unit(p)), sum_unit = std::max(acc_unit(out.dt), acc_unit(p));
   int64_t bad = 0, first = -1;
   double worst = 0;
   for (int64_t i = 0; i < static_cast<int64_t>(ref.size()); ++i) {
     const double tol = exact ? 0.0
-                             : 2 * unit(out.dt) * std::fabs(ref[i]) + 64 * acc_unit(out.dt) * mag[i] +
+                             : 2 * out_unit * std::fabs(ref[i]) + 64 * sum_unit * mag[i] +
                                    (out.dt == at::kHalf ? 0x1p-24 : 0.0);  // fp16 subnormals
     const double err = std::fabs(got[i] - ref[i]);
     if (!(err <= tol)) {  // NaN (an unwritten element) fails too
@@ -264,6 +252,26 @@ inline void check(const std::string& name, const Tensor& out, const std::vector<
              static_cast<long long>(bad), ref.size(), static_cast<long long>(first), got[first], ref[first], worst);
     report_failure(name + device_tag() + msg);
   }
+}
+
+// Runs fn, which must produce at least one failure whose message contains `expect` (a planted
+// fault, or arguments a launcher must refuse); those failures are expected and not counted.
+inline void expect_caught(const std::string& what, const std::string& expect, const std::function<void()>& fn) {
+  std::vector<std::string> got;
+  const Stats saved = stats;
+  captured_failures = &got;
+  fn();
+  captured_failures = nullptr;
+  stats = saved;
+  ++stats.checks;
+  for (const std::string& m : got) {
+    if (m.find(expect) != std::string::npos) {
+      printf("caught %-22s %s\n", what.c_str(), m.c_str());
+      return;
+    }
+  }
+  report_failure("'" + what + "' was not caught (expected a failure mentioning '" + expect + "'" +
+                 (got.empty() ? std::string(", got none)") : ", got: " + got[0] + ")"));
 }
 
 // "op float32 (2,3,4) extra" for messages.
