@@ -2,7 +2,8 @@
 # The one script for a GPU machine (no network): build miss_ext in place for sm_90, then
 #   1. build_info,
 #   2. a quick CUDA-vs-CPU kernel parity and determinism sweep over every kernel path
-#      (including the gaps the CPU emulation found, tests/cuda_emu/),
+#      (including the gaps the CPU emulation found, tests/cuda_emu/, and the mixed-precision
+#      paths: bf16/fp16 base, fp32 blocks),
 #   3. the CUDA test cases:  pytest -q tests -k 'cuda and not cuda_emulation' (no -x: one run
 #      reports every failure; the CPU emulation of the kernels is left to CI),
 #   4. the benchmarks:       python -m bench --device cuda, and --suite llm in bfloat16
@@ -188,6 +189,44 @@ for dtype in DTYPES:
         blk = torch.randn(r, m, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         report(f"miss_merge {dtype} {(out_f, in_f, r, m)}",
                *both(lambda w_, b_: ops.miss_merge(w_, b_, 0.5), w, blk), dtype)
+
+# Mixed precision (csrc/common/kernels.h): a bf16/fp16 base with float32 blocks, in every op
+# that takes it, and the two layers that use them.
+wide = torch.float32
+for dtype in (torch.bfloat16, torch.float16):
+    for n, fin, r in [(7, 64, 4), (3, 100, 7), (2, 60000, 16), (1, 16384, 1024)]:
+        x = torch.randn(n, fin, dtype=dtype)
+        report(f"blocksum mixed {dtype} {(n, fin, r)}",
+               *both(lambda x_, r_: ops.blocksum(x_, r_, dtype=wide), x, r), wide)
+        report(f"blocksum_dropout mixed {dtype} {(n, fin, r)}",
+               *both(lambda x_, r_: ops.blocksum_dropout(x_, r_, 0.3, seed, dtype=wide), x, r), wide)
+    for n, r, feats in [(7, 4, 64), (3, 7, 100), (129, 64, 4096)]:
+        s = torch.randn(n, r, dtype=wide)
+        report(f"tile mixed {dtype} {(n, r, feats)}", *both(lambda s_, f_: ops.tile(s_, f_, dtype=dtype), s, feats),
+               dtype)
+        report(f"tile_dropout mixed {dtype} {(n, r, feats)}",
+               *both(lambda s_, f_: ops.tile_dropout(s_, f_, 0.3, seed, dtype=dtype), s, feats), dtype)
+        report(f"tile_add mixed {dtype} {(n, r, feats)}",
+               *both(ops.tile_add, torch.randn(n, feats, dtype=dtype), s), dtype)
+    for out_f, in_f, r in [(128, 256, 16), (96, 192, 48), (256, 512, 64)]:
+        w = torch.randn(out_f, in_f, dtype=dtype)
+        b = 0.1 * torch.randn(out_f // r, r, r, dtype=wide)
+        report(f"bat_transform mixed {dtype} {(out_f, in_f, r)}",
+               *both(lambda w_, b_: ops.bat_transform(w_, b_, dtype=dtype), w, b), dtype)
+        g, x = torch.randn(64, out_f, dtype=dtype), torch.randn(64, in_f, dtype=dtype)
+        report(f"bat_io_block_grad {dtype} {(out_f, in_f, r)}",
+               *both(lambda g_, x_, w_: ops.bat_io_block_grad(g_, x_, w_, r), g, x, w), wide)
+        report(f"bat_linear mixed {dtype} {(out_f, in_f, r)}",
+               *both(lambda x_, w_, b_: ops.bat_linear(x_, w_, None, [b_]), x, w, b), dtype)
+    base, g = torch.randn(33, 512, dtype=dtype), torch.randn(33, 512, dtype=dtype)
+    s, blk = torch.randn(33, 64, dtype=wide), 0.1 * torch.randn(64, 512, dtype=wide)
+    report(f"miss_add_product {dtype}", *both(ops.miss_add_product, base, s, blk), dtype)
+    report(f"miss_block_grads {dtype}",
+           *both(lambda g_, s_, b_: torch.cat([t.flatten() for t in ops.miss_block_grads(g_, s_, b_)]), g, s, blk),
+           wide)
+    x, w, bias = torch.randn(4, 9, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype), torch.randn(512, dtype=dtype)
+    report(f"miss_linear mixed {dtype}",
+           *both(lambda x_, w_, c_, b_: ops.miss_linear(x_, w_, c_, b_, 0.0, None)[0], x, w, bias, blk), dtype)
 
 # The dropout mask itself must match the CPU bit for bit.
 ones = torch.ones(37, 1000, dtype=torch.float64)
