@@ -435,6 +435,9 @@ std::tuple<at::Tensor, at::Tensor> miss_linear(const at::Tensor& x, const at::Te
   check_float(op, "block", block);
   check_dim(op, "weight", weight, 2, "(out_features, in_features)");
   check_dim(op, "block", block, 2, "(r, out_features) or, for mini, (r, mini_r)");
+  // Checked for every p, not only p > 0: a negative (or NaN) p would otherwise mean "no dropout".
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, "miss_ext.", op,
+              ": argument 'p' (the dropout probability) must be in [0, 1] (got ", p, ")");
   check_same_device(op, "x", x, "weight", weight);
   check_same_device(op, "x", x, "block", block);
   check_same_dtype(op, "x", x, "weight", weight);

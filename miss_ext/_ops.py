@@ -284,6 +284,7 @@ def _(x, weight, bias, block, p, seed):
         _check_float(op, name, t)
     _check_dim(op, "weight", weight, 2, "(out_features, in_features)")
     _check_dim(op, "block", block, 2, "(r, out_features) or, for mini, (r, mini_r)")
+    torch._check(0.0 <= p <= 1.0, lambda: f"miss_ext.{op}: argument 'p' (the dropout probability) must be in [0, 1] (got {p})")
     _same_device(op, x=x, weight=weight, block=block, bias=bias)
     _same_dtype(op, "x", x, "weight", weight)
     _check_holds(op, "x", x, block)

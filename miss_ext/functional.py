@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _ops
+from . import _checks, _ops
 
 ops = torch.ops.miss_ext
 
@@ -51,6 +51,7 @@ def blocksum(
     dtype by default) may be a wider float: a bfloat16 ``x`` is then summed straight into
     float32, never copied.
     """
+    _checks.dropout_p("miss_ext.blocksum", dropout_p)
     if training and dropout_p > 0.0:
         if seed is None:
             seed = dropout_seed()
@@ -89,6 +90,7 @@ def miss_forward(
     ``base_out``'s dtype, which is PEFT's result after its final cast. Under autocast the product
     runs in the autocast dtype, as PEFT's does. Other dtype pairs are promoted as in PEFT (cast
     the result back yourself)."""
+    _checks.additive("miss_ext.miss_forward", x, base_out, block, dropout_p, mini=False)
     r, out_features = block.shape
     s = blocksum(x, r, dropout_p, training, seed, _block_precision(x, block))
     lead = base_out.shape[:-1]
@@ -114,13 +116,9 @@ def mini_forward(
     """mini MiSS: ``base_out + tile_out(blocksum_r(dropout(x)) @ block)`` with ``block``
     ``(r, mini_r)``; the ``(r, out)`` repeated block is never materialised, and the backward
     block-sums the output gradient over the ``out / mini_r`` tiles with the same kernel."""
+    _checks.additive("miss_ext.mini_forward", x, base_out, block, dropout_p, mini=True)
     r, m = block.shape
     out_features = base_out.shape[-1]
-    if out_features % m != 0:
-        raise ValueError(
-            f"miss_ext.mini_forward: out_features ({out_features}) must be divisible by "
-            f"mini_r ({m}); choose mini_r dividing out_features"
-        )
     small = blocksum(x, r, dropout_p, training, seed, _block_precision(x, block)) @ block
     # Decided on `small`, not `block`: under autocast the product may come out in another dtype.
     # A wider `small` (float32 block, half-type base) is added and rounded once, as PEFT's sum
@@ -147,6 +145,7 @@ def miss_linear(
     input gradient in backward. Autograd keeps the ``N x r`` block sum, not ``x`` (unless the
     weight trains). ``x`` and ``weight`` share a dtype; ``block`` has it too or is wider (a float32
     block on a bfloat16 layer: the mixed-precision path, PEFT's rounding, docs/MATH.md)."""
+    _checks.dropout_p("miss_ext.miss_linear", dropout_p)
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = dropout_seed()
@@ -172,9 +171,8 @@ def bat_linear(
     float32 block with a bfloat16 ``x`` forms ``W'`` in float32 from the stored weight and rounds
     it once to bfloat16, and dL/dB is accumulated in float32 from ``x`` and dL/dy (docs/MATH.md,
     mixed precision). The weight and bias may be of any float dtype."""
-    if isinstance(blocks, torch.Tensor):
-        blocks = [blocks]
-    return ops.bat_linear(x, weight, bias, list(blocks))
+    blocks = _checks.blocks_list("miss_ext.bat_linear", blocks)
+    return ops.bat_linear(x, weight, bias, blocks)
 
 
 def bat_unmerge(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Iterable, Optional, Union
 
 from torch import nn
 
+from . import _checks
 from ._keys import guard_model
 from .layer import (
     InitWeights,
@@ -64,6 +65,16 @@ def find_targets(model: nn.Module, target_modules: Targets) -> list[str]:
     """Module names that ``target_modules`` selects, PEFT's way: a string is a regex that must
     match the whole name; a list matches a name exactly or as a dotted suffix; ``"all-linear"``
     is every linear layer except the output head (``get_output_embeddings()``)."""
+    if not isinstance(target_modules, str):
+        given = target_modules
+        try:
+            target_modules = list(target_modules)
+        except TypeError:
+            target_modules = [None]
+        if not all(isinstance(k, str) for k in target_modules):
+            raise TypeError(
+                f"target_modules must be a regex string, 'all-linear' or a list of module names (got {given!r})"
+            )
     inner = _inside_miss_layer(model)
     names = [n for n, _ in model.named_modules() if n and n not in inner]
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
@@ -105,6 +116,7 @@ def inject(
     ``bat_precision`` ("base" or "promote", see :class:`~miss_ext.MissLinear`) is set on every
     targeted layer; ``None`` leaves existing layers as they are and gives new ones "base".
     """
+    _checks.adapter_name(adapter_name)
     variant = variant_of(init_weights)
     if bat_precision is not None:
         check_bat_precision(bat_precision)
@@ -148,7 +160,7 @@ def inject(
             parent, child = _split(model, name)
             layer = MissLinear(module, r, mini_r_, init_weights, miss_dropout, adapter_name,
                                bat_precision=bat_precision or "base")
-            layer.set_adapter(active)
+            layer._set_active(active)
             setattr(parent, child, layer)
 
     for pname, p in model.named_parameters():
@@ -159,15 +171,13 @@ def inject(
 
 
 def set_adapter(model: nn.Module, adapter_names: Union[str, Iterable[str]], inference_mode: bool = False) -> None:
-    """Activates ``adapter_names`` on every MissLinear (and makes them the trainable ones)."""
-    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    """Activates ``adapter_names`` on every MissLinear (and makes them the trainable ones).
+    Each name must be an adapter of the model (a layer lacking it skips it), listed once."""
     layers = miss_layers(model)
-    known = {a for _, layer in layers for a in layer.miss_block}
-    missing = [n for n in names if n not in known]
-    if missing:
-        raise ValueError(f"adapter(s) {missing} not found in the model (has {sorted(known)})")
+    known = sorted({a for _, layer in layers for a in layer.miss_block})
+    names = _checks.adapter_names("set_adapter(model)", adapter_names, known, "in the model")
     for _, layer in layers:
-        layer.set_adapter(names, inference_mode=inference_mode)
+        layer._set_active(names, inference_mode=inference_mode)
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import _checks
 from . import functional as MF
 from ._ops import holds
 from ._keys import reject_peft_keys
@@ -103,16 +104,35 @@ def check_dropout(p) -> float:
     return float(p)
 
 
+def plain_tensor(t) -> bool:
+    """A dense torch tensor (or Parameter), not a tensor subclass such as a quantized weight."""
+    return type(t) in (torch.Tensor, nn.Parameter)
+
+
+_QUANTIZED_HINT = (
+    "a quantized base keeps packed data there: use the standard or mini variant on it (the base is "
+    "then called as a black box), or PEFT's get_peft_model under miss_ext.peft.patch(), which "
+    "dequantizes through PEFT's quantization backends"
+)
+
+
 def real_weight(base_layer: nn.Module) -> torch.Tensor:
     """The base layer's 2-D floating-point ``weight``. A meta weight counts: BAT only needs its
     shape until the model is materialised (merging checks for values itself)."""
     w = getattr(base_layer, "weight", None)
-    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
-        raise TypeError(
-            f"BAT (init_weights='bat') and merging need the base weight itself, so the base layer "
-            f"needs a real 2-D `weight` tensor ({type(base_layer).__name__} has none)"
-        )
-    return w
+    name = type(base_layer).__name__
+    if not isinstance(w, torch.Tensor):
+        problem = f"{name} has none"
+    elif w.dim() != 2 or not w.is_floating_point():
+        problem = f"{name}.weight is a {w.dtype} tensor of shape {tuple(w.shape)}; {_QUANTIZED_HINT}"
+    elif not plain_tensor(w):
+        problem = f"{name}.weight is a {type(w).__name__}, a tensor subclass; {_QUANTIZED_HINT}"
+    else:
+        return w
+    raise TypeError(
+        f"BAT (init_weights='bat') and merging need the base weight itself, so the base layer needs a "
+        f"real 2-D `weight` tensor ({problem})"
+    )
 
 
 def check_materialised(weight: torch.Tensor, blocks: Iterable[torch.Tensor]) -> None:
@@ -199,6 +219,7 @@ def plain_linear(base_layer: nn.Module, args, kwargs) -> bool:
         and not kwargs
         and isinstance(base_layer, nn.Linear)
         and type(base_layer).forward is nn.Linear.forward
+        and plain_tensor(base_layer.weight)  # a quantized subclass weight runs its own GEMM
         and not base_layer._forward_hooks
         and not base_layer._forward_pre_hooks
         and not hooks._global_forward_hooks
@@ -401,6 +422,7 @@ class MissLinear(nn.Module):
     ) -> None:
         """Adds (or replaces) adapter ``adapter_name``; every check runs before any change.
         As in PEFT the adapter is trainable only if it is active."""
+        _checks.adapter_name(adapter_name)
         variant = variant_of(init_weights)
         mini_r = 1 if mini_r is None else mini_r
         check_adapter_shape(self.in_features, self.out_features, r, mini_r, variant)
@@ -420,7 +442,7 @@ class MissLinear(nn.Module):
         self.miss_dropout_p[adapter_name] = p
         self.miss_variant[adapter_name] = variant
         self.miss_init_weights[adapter_name] = init_weights
-        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+        self._set_active(self.active_adapters, inference_mode=inference_mode)
 
     def add_adapter(
         self,
@@ -445,8 +467,16 @@ class MissLinear(nn.Module):
 
     def set_adapter(self, adapter_names: Union[str, Iterable[str]], inference_mode: bool = False) -> None:
         """Activates ``adapter_names`` (in this order: it is the BAT composition order) and, as
-        PEFT does, makes exactly those trainable unless ``inference_mode``."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        PEFT does, makes exactly those trainable unless ``inference_mode``. Every name must be an
+        adapter of this layer, listed once; an empty list activates none (the base alone)."""
+        names = _checks.adapter_names(
+            "MissLinear.set_adapter", adapter_names, self.miss_block.keys(), "on this layer"
+        )
+        self._set_active(names, inference_mode)
+
+    def _set_active(self, names: list[str], inference_mode: bool = False) -> None:
+        """Unchecked ``set_adapter``: in a model, the active list may name adapters that other
+        layers have and this one lacks (as in PEFT; forward skips them)."""
         for key, block in self.miss_block.items():
             block.requires_grad_(key in names and not inference_mode)
         self._active_adapter = names
@@ -464,7 +494,7 @@ class MissLinear(nn.Module):
         if not active and adapter_name in self._active_adapter and len(self.miss_block):
             active = [sorted(self.miss_block)[0]]  # PEFT's choice: deterministic across layers
             warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {active[0]}.")
-        self.set_adapter(active)
+        self._set_active(active)
 
     def reset_parameters(self, adapter_names: Optional[Iterable[str]] = None) -> None:
         """Re-applies the documented init of ``adapter_names`` (default: every adapter) in place:
@@ -494,7 +524,7 @@ class MissLinear(nn.Module):
     def enable_adapters(self, enabled: bool) -> None:
         """PEFT's switch; disabling unmerges first, so the base layer alone is what runs."""
         if enabled:
-            self.set_adapter(self.active_adapters)
+            self._set_active(self.active_adapters)
             self._disable_adapters = False
         else:
             if self.merged:
@@ -541,7 +571,8 @@ class MissLinear(nn.Module):
         unknown = [n for n in names if n not in self.miss_block]
         if unknown:
             raise ValueError(f"cannot merge unknown adapter(s) {unknown} (has {list(self.miss_block)})")
-        names = [n for n in names if n not in self.merged_adapters]
+        # Merging is idempotent per adapter (merged ones are skipped), so a repeated name merges once.
+        names = [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
         if not names:
             if self.merged:
                 warnings.warn("All adapters are already merged, nothing to do.")
@@ -568,6 +599,7 @@ class MissLinear(nn.Module):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense ``dW`` that merging ``adapter_name`` alone adds to the current base weight
         (for BAT it depends on that weight: ``W B_i + B_i`` per block)."""
+        _checks.adapter_names("MissLinear.get_delta_weight", adapter_name, self.miss_block.keys(), "on this layer")
         block = self.miss_block[adapter_name]
         variant = self.miss_variant[adapter_name]
         if variant == "bat":
@@ -580,6 +612,7 @@ class MissLinear(nn.Module):
     # ------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        _checks.layer_input("MissLinear", x, self.in_features, [self.miss_block[n] for n in self._active()])
         previous_dtype = x.dtype
         if self._disable_adapters and self.merged:
             self.unmerge()  # only reachable if merge() was called while disabled (PEFT does this too)

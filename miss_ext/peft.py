@@ -28,6 +28,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from . import _checks
 from .layer import (
     MissLinear,
     additive_output,
@@ -78,6 +79,9 @@ def _dropout_p(layer, name: str) -> float:
 
 
 def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    # PEFT casts x to the adapters' dtype and the result back: an integer x must not get that far.
+    blocks = [self.miss_block[a] for a in self.active_adapters if a in self.miss_block]
+    _checks.layer_input(f"miss_ext.peft {type(self).__name__}", x, self.in_features, blocks)
     previous_dtype = x.dtype
     if self.disable_adapters:
         if self.merged:

@@ -379,7 +379,7 @@ LAYER_CASES = [
     ("unmerge-meta-weight", _layer, lambda l: (l.merge(), l.to("meta")), lambda l: l.unmerge(),
      RuntimeError, ["meta device"]),
     ("bat-forward-features", lambda: _layer("bat"), None, lambda l: l(torch.randn(3, 6)),
-     RuntimeError, ["'x'", "must end in in_features = 8"]),
+     ValueError, ["MissLinear", "'x'", "must end in in_features = 8"]),
     ("merge-unknown", _layer, None, lambda l: l.merge(adapter_names=["nope"]), ValueError, ["unknown adapter", "nope"]),
     ("merge-str", _layer, None, lambda l: l.merge(adapter_names="default"), TypeError, ["adapter_names", "list"]),
     ("delete-unknown", _layer, None, lambda l: l.delete_adapter("nope"), ValueError, ["'nope'"]),
