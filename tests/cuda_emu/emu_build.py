@@ -119,12 +119,17 @@ def _prune(root: Path):
         f.unlink(missing_ok=True)
 
 
+DTYPE_BITS = {"float32": 1, "float64": 2, "float16": 4, "bfloat16": 8}
+
+
 def build(sanitize: bool = False, overrides: dict[str, str] | None = None, jobs: int | None = None,
-          log=None, gcov: bool = False) -> Path:
+          log=None, gcov: bool = False, override_dtypes: list[str] | None = None) -> Path:
     """Builds (or finds in the cache) the harness; returns its path.
 
-    overrides maps a csrc/cuda file name to replacement source text (the mutation test);
-    gcov instruments the objects for gcov (LAST_OBJECTS then names them)."""
+    overrides maps a csrc/cuda file name to replacement source text (the mutation test), and
+    override_dtypes restricts those files to the dtypes named (they compile faster; the
+    harness must then run with --dtypes among them). gcov instruments the objects for gcov
+    (LAST_OBJECTS then names them)."""
     cxx = compiler()
     if cxx is None:
         raise BuildError("no C++ compiler: set CXX or install g++")
@@ -166,22 +171,27 @@ def build(sanitize: bool = False, overrides: dict[str, str] | None = None, jobs:
         os.replace(tmp, pch.with_suffix(".h.gch"))
     includes = ["-include", str(pch), *includes]
 
-    units = []  # (label, text, is_cuda)
+    restrict = []  # extra flags of the overridden files
+    if override_dtypes:
+        restrict = [f"-DEMU_DTYPES={sum(DTYPE_BITS[d] for d in set(override_dtypes))}"]
+    units = []  # (label, text, is_cuda, extra flags)
     for f in sorted(CUDA_DIR.glob("*.cu")) + sorted((HERE / "selftest").glob("*.cu")):
-        units.append((str(f.relative_to(REPO)), emu_prep.rewrite(source(f), str(f)), True))
+        extra = restrict if f.parent == CUDA_DIR and f.name in overrides else []
+        units.append((str(f.relative_to(REPO)), emu_prep.rewrite(source(f), str(f)), True, extra))
     for f in sorted((HERE / "harness").glob("*.cpp")) + sorted((HERE / "runtime").glob("*.cpp")):
-        units.append((str(f.relative_to(REPO)), f.read_text(), False))
+        units.append((str(f.relative_to(REPO)), f.read_text(), False, []))
 
     def compile_unit(unit):
-        label, text, is_cuda = unit
-        key = _hash(header_key, label, text)
+        label, text, is_cuda, extra = unit
+        key = _hash(header_key, label, text, *extra)
         obj = root / "obj" / f"{key}.o"
         if obj.exists():
             os.utime(obj)
             return obj, False
         src = root / "obj" / f"{key}.{os.getpid()}.{threading.get_ident()}.{'cu' if is_cuda else 'cpp'}"
         _write_atomic(src, text.encode())
-        cmd = [cxx, *flags, *includes]
+        # A unit with extra macros skips the precompiled header, which was built without them.
+        cmd = [cxx, *flags, *extra, *(includes[2:] if extra else includes)]
         if is_cuda:
             cmd += ["-include", str(HERE / "runtime" / "emu_cuda.h"), "-x", "c++"]
         else:
