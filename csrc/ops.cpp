@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/workspace.h"
 #include "ops_front.h"
 
 #ifndef MISS_EXT_TORCH_VERSION
@@ -104,4 +105,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "miss_ext compiled core: operators live in torch.ops.miss_ext";
   module.def("build_info", &build_info,
              "How this extension was built: torch version, OpenMP, CUDA and its archs.");
+  module.def("cpu_workspace_release", &miss_ext::cpu::workspace_release,
+             "Frees the CPU workspace buffers kept for reuse; returns the bytes released.");
+  module.def("cpu_workspace_cached_bytes", &miss_ext::cpu::workspace_cached_bytes,
+             "Bytes of CPU workspace buffers kept for reuse.");
 }

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/kernels.h"
+#include "cpu/workspace.h"
 
 namespace miss_ext {
 namespace {
@@ -205,6 +206,12 @@ at::ScalarType narrowed(const char* op, const at::Tensor& s, std::optional<at::S
   return *dtype;
 }
 
+// A large temporary of `like`'s device: on the CPU from the workspace cache (cpu/workspace.h).
+at::Tensor temp_empty(const at::Tensor& like, at::IntArrayRef sizes, at::ScalarType dtype) {
+  if (like.device().is_cpu()) return cpu::workspace_empty(sizes, dtype);
+  return at::empty(sizes, like.options().dtype(dtype));
+}
+
 // The BAT transform of `weight` by `block` into `out_dtype`. All three equal: products in that
 // dtype. A float32/float64 block: products in its precision, the weight read as stored, the
 // result rounded once. A half-type block with anything else differing: the weight is cast to
@@ -215,7 +222,7 @@ at::Tensor transform(const at::Tensor& weight, const at::Tensor& block, at::Scal
   at::Tensor w = (wide_block ? weight : weight.to(bt)).contiguous();
   at::Tensor b = block.contiguous();
   const bool equal = w.scalar_type() == bt && out_dtype == bt;
-  at::Tensor out = at::empty(w.sizes(), w.options().dtype(equal || wide_block ? out_dtype : bt));
+  at::Tensor out = temp_empty(w, w.sizes(), equal || wide_block ? out_dtype : bt);
   if (w.numel() > 0) MISS_EXT_ON_DEVICE(w, bat_transform, w, b, out);
   return out.scalar_type() == out_dtype ? out : out.to(out_dtype);
 }

@@ -33,6 +33,14 @@ from .model import (  # noqa: E402
 __version__ = "0.1.0"
 
 
+def empty_cache() -> int:
+    """Frees the large CPU temporaries miss_ext keeps for reuse (a BAT layer's transformed weight
+    and packed operands: mapping fresh multi-megabyte buffers costs page faults every step) and
+    returns the bytes released. At most a few buffers are kept, each the size of the largest
+    weight that needed one; ``MISS_EXT_CPU_WORKSPACE=0`` turns the reuse off."""
+    return int(_C.cpu_workspace_release())
+
+
 def build_info() -> dict:
     """How the compiled core was built: torch version, OpenMP, CUDA and its archs."""
     return dict(_C.build_info())
@@ -68,5 +76,6 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "build_info",
+    "empty_cache",
     "__version__",
 ]

@@ -1,6 +1,9 @@
 #include "cpu/amx.h"
 
 #include "cpu/vec.h"
+#include "cpu/workspace.h"
+
+#include "cpu/vec.h"
 
 #include <ATen/native/CPUBlas.h>
 
@@ -13,35 +16,21 @@ namespace miss_ext {
 namespace cpu {
 namespace amx {
 
-Panels::Panels(int64_t k, int64_t n) : k_(k), kp_(padded_k(k)), n_(n) {
+void Panels::reset(int64_t k, int64_t n) {
   TORCH_CHECK(width_ok(n), "miss_ext internal: packed panels need a multiple of 16 columns");
-  int64_t offset = 0;
-  for (int64_t s = 0; s < n;) {
-    const int64_t w = std::min(kPanel, n - s);
-    start_.push_back(s);
-    width_.push_back(w);
-    offset_.push_back(offset);
-    offset += kp_ * w;
-    s += w;
-  }
+  k_ = k;
+  kp_ = padded_k(k);
+  n_ = n;
   // at::empty's CPU allocator aligns to 64 bytes; every panel is a multiple of 64 bytes long.
-  storage_ = at::empty({offset}, at::TensorOptions().dtype(at::kBFloat16));
+  if (!storage_.defined() || storage_.numel() < kp_ * n_) {
+    storage_ = workspace_empty({kp_ * n_}, at::kBFloat16);
+  }
   data_ = storage_.data_ptr<bf16>();
 }
 
-void Panels::pack_pair(int64_t p, int64_t k, const bf16* r0, const bf16* r1) {
-  const int64_t w = width_[p], s = start_[p];
-  uint16_t* dst = reinterpret_cast<uint16_t*>(data_ + offset_[p] + (k / 2) * 2 * w);
-  const uint16_t* a = r0 ? reinterpret_cast<const uint16_t*>(r0) + s : nullptr;
-  const uint16_t* b = r1 ? reinterpret_cast<const uint16_t*>(r1) + s : nullptr;
-  if (a) {
-    vec::interleave_bf16(a, b, w, dst);
-  } else {
-    for (int64_t j = 0; j < w; ++j) {
-      dst[2 * j] = 0;
-      dst[2 * j + 1] = b ? b[j] : 0;
-    }
-  }
+void Panels::pack_pair(int64_t k, const bf16* r0, const bf16* r1) {
+  vec::interleave_panels_bf16(reinterpret_cast<const uint16_t*>(r0), reinterpret_cast<const uint16_t*>(r1),
+                              n_, kPanel, kp_, k, reinterpret_cast<uint16_t*>(data_));
 }
 
 void gemm(int64_t m, const bf16* a, int64_t lda, const Panels& b, int64_t p0, int64_t p1,

@@ -17,9 +17,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cstdint>
-#include <cstring>
-#include <vector>
 
 namespace miss_ext {
 namespace cpu {
@@ -38,40 +37,22 @@ inline bool width_ok(int64_t n) { return n > 0 && n % 16 == 0; }
 
 inline int64_t padded_k(int64_t k) { return k + (k & 1); }
 
-inline uint16_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
-  return f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
-}
-inline float float_of(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-// f as a sum of n bf16 pieces, each the rounded rest of the ones before: two hold 16 of f's
-// 24 mantissa bits, three hold f exactly (barring results below bf16's normal range).
-inline void split_bf16(float f, bf16* pieces, int n, int64_t stride = 1) {
-  for (int i = 0; i < n; ++i) {
-    const uint16_t h = bits_of(f);
-    pieces[i * stride].x = h;
-    f -= float_of(h);
-  }
-}
-
-// The packed B operand.
+// The packed B operand, reusable: reset() lays out another shape in the same storage when it
+// fits, so a task packing many small operands allocates once.
 class Panels {
  public:
-  Panels(int64_t k, int64_t n);
+  Panels() = default;
+  Panels(int64_t k, int64_t n) { reset(k, n); }
+  void reset(int64_t k, int64_t n);
   int64_t k() const { return k_; }
   int64_t kp() const { return kp_; }
   int64_t n() const { return n_; }
-  int64_t count() const { return static_cast<int64_t>(start_.size()); }
-  int64_t start(int64_t p) const { return start_[p]; }
-  int64_t width(int64_t p) const { return width_[p]; }
-  bf16* panel(int64_t p) { return data_ + offset_[p]; }
-  const bf16* panel(int64_t p) const { return data_ + offset_[p]; }
+  int64_t count() const { return (n_ + kPanel - 1) / kPanel; }
+  int64_t start(int64_t p) const { return p * kPanel; }
+  int64_t width(int64_t p) const { return std::min(kPanel, n_ - p * kPanel); }
+  const bf16* panel(int64_t p) const { return data_ + kp_ * start(p); }
+  // For packers that fill panel p themselves (the layout above).
+  bf16* mutable_panel(int64_t p) { return data_ + kp_ * start(p); }
   // Packs rows [k0, k1) (k0 even) of every panel from row(k), a pointer to the N values of row k
   // of B, or null for a zero row. Rows past K are zero.
   template <typename RowFn>
@@ -79,18 +60,17 @@ class Panels {
     for (int64_t k = k0; k < k1; k += 2) {
       const bf16* r0 = k < k_ ? row(k) : nullptr;
       const bf16* r1 = k + 1 < k_ ? row(k + 1) : nullptr;
-      for (int64_t p = 0; p < count(); ++p) pack_pair(p, k, r0, r1);
+      pack_pair(k, r0, r1);
     }
   }
-  // Packs the row pair (k, k + 1) of panel p (k even) from r0/r1 (null: zeros), which hold
+  // Packs the row pair (k, k + 1) (k even) of every panel from r0/r1 (null: zeros), which hold
   // the N values of their rows.
-  void pack_pair(int64_t p, int64_t k, const bf16* r0, const bf16* r1);
+  void pack_pair(int64_t k, const bf16* r0, const bf16* r1);
 
  private:
-  int64_t k_, kp_, n_;
+  int64_t k_ = 0, kp_ = 0, n_ = 0;
   at::Tensor storage_;
   bf16* data_ = nullptr;
-  std::vector<int64_t> start_, width_, offset_;
 };
 
 // C[:, start(p) - col0 ...] (M rows, fp32, row stride ldc) = (or +=, when accumulate) A @ B for

@@ -26,6 +26,7 @@
 #include "cpu/amx.h"
 #include "cpu/convert.h"
 #include "cpu/vec.h"
+#include "cpu/workspace.h"
 
 namespace miss_ext {
 namespace cpu {
@@ -85,8 +86,9 @@ void transform_amx(const at::Tensor& weight, const at::Tensor& block, at::Tensor
     vec::split_bf16(bi, r * r, pieces, parts.data(), parts.data() + r * r, parts.data() + 2 * r * r);
     std::vector<float> prod((t1 - t0) * r);
     const bf16* w_rows = wp + (i * in + t0) * r;
+    amx::Panels b;
     for (int q = 0; q < pieces; ++q) {
-      amx::Panels b(r, r);
+      b.reset(r, r);
       const bf16* part = reinterpret_cast<const bf16*>(parts.data() + q * r * r);
       b.pack_rows(0, b.kp(), [&](int64_t k) { return part + k * r; });
       amx::gemm(t1 - t0, w_rows, r, b, 0, b.count(), prod.data(), r, q > 0);
@@ -128,25 +130,25 @@ void transform_fallback(const at::Tensor& weight, const at::Tensor& block, at::T
 // ---------------------------------------------------------------------------------------
 // dL/dB from (G, x, W), bf16, on the micro-kernels. For slab i and a chunk of input columns,
 //   Ct  = x_chunk^T G_i           (w x r, fp32: rows (j, c) of Gw_i^T, never rounded)
-//   D  += A3 Wrows                (3r x r, fp32)
+//   D_i += A3 Wrows               (3r x r, fp32)
 // where A3[q r + c, (j, a)] = piece_q(Ct[j r + c, a]) (Ct = piece_1 + piece_2 + piece_3 exactly)
-// and Wrows[(j, a), k] = W[i r + a, j r + k], so D = sum_j Gw_ij^T W_ij = (dL/dB_i - I-term)^T
-// with fp32 GEMM accuracy; the I-term sum_j Gw_ij is added from Ct directly. x^T and G are
-// prepared once; each task owns whole slabs, so nothing depends on the thread count.
+// and Wrows[(j, a), k] = W[i r + a, j r + k], so D_i = sum_j Gw_ij^T W_ij = (dL/dB_i - I-term)^T
+// with fp32 GEMM accuracy; the I-term sum_j Gw_ij is added from Ct directly.
+// x^T and G are prepared once. Chunks run in order and, within a chunk, slabs in parallel: the
+// chunk of x^T (the A operand of every slab's Ct) stays in cache while all slabs use it, and each
+// slab's sums grow in chunk order, so nothing depends on the thread count.
 constexpr int kPieces = 3;
 
 void io_block_grad_amx(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                        int64_t r, at::Tensor& out) {
   const int64_t n = grad.size(0), out_f = grad.size(1), in = x.size(1), nb = out_f / r;
-  const int64_t ldg = grad.stride(0), ldx = x.stride(0), kp = amx::padded_k(n);
+  const int64_t ldg = grad.stride(0), kp = amx::padded_k(n);
   const uint16_t* gp = reinterpret_cast<const uint16_t*>(grad.const_data_ptr<bf16>());
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr<bf16>());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(weight.const_data_ptr<bf16>());
   float* op = out.mutable_data_ptr<float>();
 
-  // x^T (in x kp), the A operand of every Ct (aten's blocked transposing copy), zero-padded to
-  // an even K.
-  at::Tensor xt_t = at::empty({in, kp}, x.options());
+  // x^T (in x kp): aten's blocked transposing copy, zero-padded to an even K.
+  at::Tensor xt_t = workspace_empty({in, kp}, at::kBFloat16);
   xt_t.narrow(1, 0, n).copy_(x.t());
   if (kp > n) xt_t.narrow(1, n, kp - n).zero_();
   const uint16_t* xt = reinterpret_cast<const uint16_t*>(xt_t.const_data_ptr<bf16>());
@@ -154,25 +156,26 @@ void io_block_grad_amx(const at::Tensor& grad, const at::Tensor& x, const at::Te
   at::parallel_for(0, pg.kp() / 2, 16, [&](int64_t b0, int64_t b1) {
     pg.pack_rows(2 * b0, 2 * b1, [&](int64_t k) { return reinterpret_cast<const bf16*>(gp + k * ldg); });
   });
-  // Column chunks of whole r-blocks, about 512 columns (Ct of a chunk stays in L2).
+  // Column chunks of whole r-blocks, about 512 columns (a chunk of x^T stays in L2).
   const int64_t chunk = std::min(in, r * std::max<int64_t>(1, 512 / r));
   const int64_t width = kPieces * r;
+  std::vector<float> d(nb * width * r), rowsum_t(nb * r * r, 0.0f);
 
-  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> ct(chunk * r), d(width * r), rowsum_t(r * r), wide;
-    std::vector<uint16_t> a3(width * chunk);
-    for (int64_t i = begin; i < end; ++i) {
-      std::fill(rowsum_t.begin(), rowsum_t.end(), 0.0f);
-      // The G panels holding slab i's r output columns: whole panels, or (r < 64) one panel
-      // shared with other slabs, of which only slab i's columns are kept.
-      const int64_t p0 = (i * r) / amx::kPanel, p1 = ((i + 1) * r - 1) / amx::kPanel + 1;
-      const int64_t col0 = pg.start(p0), cols = pg.start(p1 - 1) + pg.width(p1 - 1) - col0;
-      if (cols > r) wide.resize(chunk * cols);
-      for (int64_t c0 = 0; c0 < in; c0 += chunk) {
-        const int64_t w = std::min(in, c0 + chunk) - c0, blocks = w / r;
+  for (int64_t c0 = 0; c0 < in; c0 += chunk) {
+    const int64_t w = std::min(in, c0 + chunk) - c0, blocks = w / r;
+    const bf16* a = reinterpret_cast<const bf16*>(xt + c0 * kp);
+    at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> ct(w * r), wide;
+      std::vector<uint16_t> a3(width * w);
+      amx::Panels pw;
+      for (int64_t i = begin; i < end; ++i) {
+        // The G panels holding slab i's r output columns: whole panels, or (r < 64) one panel
+        // shared with other slabs, of which only slab i's columns are kept.
+        const int64_t p0 = (i * r) / amx::kPanel, p1 = ((i + 1) * r - 1) / amx::kPanel + 1;
+        const int64_t col0 = pg.start(p0), cols = pg.start(p1 - 1) + pg.width(p1 - 1) - col0;
         float* ctp = ct.data();
-        const bf16* a = reinterpret_cast<const bf16*>(xt + c0 * kp);
         if (cols > r) {
+          wide.resize(w * cols);
           amx::gemm(w, a, kp, pg, p0, p1, wide.data(), cols, false, col0);
           for (int64_t t = 0; t < w; ++t)
             std::memcpy(ctp + t * r, wide.data() + t * cols + (i * r - col0), r * sizeof(float));
@@ -180,26 +183,42 @@ void io_block_grad_amx(const at::Tensor& grad, const at::Tensor& x, const at::Te
           amx::gemm(w, a, kp, pg, p0, p1, ctp, r, false, col0);
         }
         // The I-term: rowsum_t[c, a] += Ct[j r + c, a].
-        for (int64_t jj = 0; jj < blocks; ++jj) vec::add_f32(ctp + jj * r * r, r * r, rowsum_t.data());
-        // A3[q r + c, jj r + a] = piece_q(Ct[jj r + c, a]): each r-long run of Ct splits straight
+        float* rs = rowsum_t.data() + i * r * r;
+        for (int64_t jj = 0; jj < blocks; ++jj) vec::add_f32(ctp + jj * r * r, r * r, rs);
+        // A3[q r + c, jj r + a] = piece_q(Ct[jj r + c, a]): each r x r block of Ct splits straight
         // into its place in A3, no element transpose.
-        for (int64_t jj = 0; jj < blocks; ++jj)
-          for (int64_t c = 0; c < r; ++c) {
-            uint16_t* dst = a3.data() + c * w + jj * r;
-            vec::split_bf16(ctp + (jj * r + c) * r, r, kPieces, dst, dst + r * w, dst + 2 * r * w);
+        for (int64_t jj = 0; jj < blocks; ++jj) {
+          uint16_t* dst = a3.data() + jj * r;
+          vec::split_bf16_rows(ctp + jj * r * r, r, r, r, kPieces, dst, dst + r * w, dst + 2 * r * w, w);
+        }
+        // Wrows: row k = (jj, a) is W[i r + a, c0 + jj r : + r]. With one panel (r <= 64) the
+        // row pair (jj, a), (jj, a + 1) lands at jj r^2 + a r: one interleave per a-pair.
+        pw.reset(w, r);
+        if (r <= amx::kPanel) {
+          uint16_t* dst = reinterpret_cast<uint16_t*>(pw.mutable_panel(0));
+          for (int64_t a = 0; a < r; a += 2) {
+            const uint16_t* w0 = wp + (i * r + a) * in + c0;
+            vec::interleave_blocks_bf16(w0, w0 + in, blocks, r, r * r, dst + a * r);
           }
-        amx::Panels pw(w, r);
-        pw.pack_rows(0, pw.kp(), [&](int64_t k) {
-          return reinterpret_cast<const bf16*>(wp + (i * r + k % r) * in + c0 + (k / r) * r);
-        });
-        amx::gemm(width, reinterpret_cast<const bf16*>(a3.data()), w, pw, 0, pw.count(), d.data(), r,
-                  c0 > 0);
+        } else {
+          pw.pack_rows(0, pw.kp(), [&](int64_t k) {
+            return reinterpret_cast<const bf16*>(wp + (i * r + k % r) * in + c0 + (k / r) * r);
+          });
+        }
+        amx::gemm(width, reinterpret_cast<const bf16*>(a3.data()), w, pw, 0, pw.count(),
+                  d.data() + i * width * r, r, c0 > 0);
       }
       amx::release();
+    });
+  }
+  at::parallel_for(0, nb, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* di = d.data() + i * width * r;
+      const float* rs = rowsum_t.data() + i * r * r;
       float* o = op + i * r * r;
       for (int64_t k = 0; k < r; ++k)
         for (int64_t c = 0; c < r; ++c)
-          o[k * r + c] = ((d[c * r + k] + d[(r + c) * r + k]) + d[(2 * r + c) * r + k]) + rowsum_t[c * r + k];
+          o[k * r + c] = ((di[c * r + k] + di[(r + c) * r + k]) + di[(2 * r + c) * r + k]) + rs[c * r + k];
     }
   });
 }

@@ -109,17 +109,15 @@ void block_grads_amx(const at::Tensor& grad, const at::Tensor& s, const at::Tens
   const int64_t n = grad.size(0), out_f = grad.size(1), r = block.size(0);
   const int64_t ldg = grad.stride(0);
   const bf16* gp = grad.const_data_ptr<bf16>();
-  const float* sp = s.const_data_ptr<float>();
-  const float* dp = block.const_data_ptr<float>();
 
   // dL/dS = G [hi(D) | lo(D)]^T: B row k = column k of D, in pieces.
   amx::Panels pd(out_f, 2 * r);
   {
-    std::vector<bf16> rows(out_f * 2 * r);
-    for (int64_t k = 0; k < out_f; ++k)
-      for (int64_t c = 0; c < r; ++c)
-        amx::split_bf16(dp[c * out_f + k], &rows[k * 2 * r + c], 2, r);
-    pd.pack_rows(0, pd.kp(), [&](int64_t k) { return rows.data() + k * 2 * r; });
+    const at::Tensor dt = block.t().contiguous();  // (out, r): row k = column k of D
+    std::vector<uint16_t> rows(out_f * 2 * r);
+    vec::split_bf16_rows(dt.const_data_ptr<float>(), out_f, r, r, 2, rows.data(), rows.data() + r,
+                         nullptr, 2 * r);
+    pd.pack_rows(0, pd.kp(), [&](int64_t k) { return reinterpret_cast<const bf16*>(rows.data() + k * 2 * r); });
   }
   float* gsp = grad_s.mutable_data_ptr<float>();
   parallel_tasks((n + kGradRows - 1) / kGradRows, [&](int64_t task) {
@@ -134,9 +132,11 @@ void block_grads_amx(const at::Tensor& grad, const at::Tensor& s, const at::Tens
 
   // dL/dD = [S1; S2; S3]^T G with S = S1 + S2 + S3 exactly (three bf16 pieces).
   const int64_t kp = amx::padded_k(n);
-  std::vector<bf16> a(3 * r * kp, bf16(0.0f));
-  for (int64_t t = 0; t < n; ++t) {
-    for (int64_t c = 0; c < r; ++c) amx::split_bf16(sp[t * r + c], &a[c * kp + t], 3, r * kp);
+  std::vector<uint16_t> a(3 * r * kp, 0);
+  {
+    const at::Tensor st = s.t().contiguous();  // (r, N): row c = column c of S
+    vec::split_bf16_rows(st.const_data_ptr<float>(), r, n, n, 3, a.data(), a.data() + r * kp,
+                         a.data() + 2 * r * kp, kp);
   }
   float* gbp = grad_block.mutable_data_ptr<float>();
   const int64_t n_panels = (out_f + amx::kPanel - 1) / amx::kPanel;
@@ -145,7 +145,7 @@ void block_grads_amx(const at::Tensor& grad, const at::Tensor& s, const at::Tens
     amx::Panels pg(n, w);
     pg.pack_rows(0, pg.kp(), [&](int64_t k) { return gp + k * ldg + c0; });
     std::vector<float> c(3 * r * w);
-    amx::gemm(3 * r, a.data(), kp, pg, 0, pg.count(), c.data(), w, false);
+    amx::gemm(3 * r, reinterpret_cast<const bf16*>(a.data()), kp, pg, 0, pg.count(), c.data(), w, false);
     amx::release();
     for (int64_t row = 0; row < r; ++row)
       for (int64_t j = 0; j < w; ++j)

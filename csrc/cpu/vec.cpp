@@ -58,8 +58,11 @@ MISS_EXT_MULTIVERSION void transform_rows_bf16(const uint16_t* w, const float* p
   }
 }
 
-MISS_EXT_MULTIVERSION void split_bf16(const float* f, int64_t n, int pieces, uint16_t* p1,
-                                      uint16_t* p2, uint16_t* p3) {
+namespace {
+
+// One row of split_bf16, inlined into each multiversioned caller (and vectorized for its target).
+inline void split_run(const float* f, int64_t n, int pieces, uint16_t* p1, uint16_t* p2,
+                      uint16_t* p3) {
   if (pieces == 2) {
     for (int64_t k = 0; k < n; ++k) {
       const uint16_t h = to_bf16(f[k]);
@@ -78,6 +81,21 @@ MISS_EXT_MULTIVERSION void split_bf16(const float* f, int64_t n, int pieces, uin
   }
 }
 
+}  // namespace
+
+MISS_EXT_MULTIVERSION void split_bf16(const float* f, int64_t n, int pieces, uint16_t* p1,
+                                      uint16_t* p2, uint16_t* p3) {
+  split_run(f, n, pieces, p1, p2, p3);
+}
+
+MISS_EXT_MULTIVERSION void split_bf16_rows(const float* f, int64_t rows, int64_t cols, int64_t ldf,
+                                           int pieces, uint16_t* p1, uint16_t* p2, uint16_t* p3,
+                                           int64_t ldp) {
+  for (int64_t t = 0; t < rows; ++t) {
+    split_run(f + t * ldf, cols, pieces, p1 + t * ldp, p2 + t * ldp, p3 ? p3 + t * ldp : nullptr);
+  }
+}
+
 MISS_EXT_MULTIVERSION void interleave_bf16(const uint16_t* a, const uint16_t* b, int64_t n,
                                            uint16_t* dst) {
   if (b) {
@@ -89,6 +107,32 @@ MISS_EXT_MULTIVERSION void interleave_bf16(const uint16_t* a, const uint16_t* b,
     for (int64_t k = 0; k < n; ++k) {
       dst[2 * k] = a[k];
       dst[2 * k + 1] = 0;
+    }
+  }
+}
+
+MISS_EXT_MULTIVERSION void interleave_panels_bf16(const uint16_t* a, const uint16_t* b, int64_t n,
+                                                  int64_t panel, int64_t kp, int64_t k,
+                                                  uint16_t* dst) {
+  for (int64_t s = 0; s < n; s += panel) {
+    const int64_t w = n - s < panel ? n - s : panel;
+    uint16_t* d = dst + kp * s + (k / 2) * 2 * w;
+    for (int64_t j = 0; j < w; ++j) {
+      d[2 * j] = a ? a[s + j] : 0;
+      d[2 * j + 1] = b ? b[s + j] : 0;
+    }
+  }
+}
+
+MISS_EXT_MULTIVERSION void interleave_blocks_bf16(const uint16_t* a, const uint16_t* b, int64_t blocks,
+                                                  int64_t r, int64_t stride, uint16_t* dst) {
+  for (int64_t j = 0; j < blocks; ++j) {
+    const uint16_t* x = a + j * r;
+    const uint16_t* y = b + j * r;
+    uint16_t* d = dst + j * stride;
+    for (int64_t c = 0; c < r; ++c) {
+      d[2 * c] = x[c];
+      d[2 * c + 1] = y[c];
     }
   }
 }

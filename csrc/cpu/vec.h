@@ -28,8 +28,24 @@ void transform_rows_bf16(const uint16_t* w, const float* p, int64_t ldp, const f
 // ones before (three hold any normal float exactly). p3 may be null when pieces == 2.
 void split_bf16(const float* f, int64_t n, int pieces, uint16_t* p1, uint16_t* p2, uint16_t* p3);
 
+// The same over `rows` rows of `cols` values: source row t at f + t * ldf, its pieces at
+// p_q + t * ldp.
+void split_bf16_rows(const float* f, int64_t rows, int64_t cols, int64_t ldf, int pieces,
+                     uint16_t* p1, uint16_t* p2, uint16_t* p3, int64_t ldp);
+
 // dst[2k] = a[k], dst[2k + 1] = b[k] (b null: 0), for k < n: a row pair in VNNI order.
 void interleave_bf16(const uint16_t* a, const uint16_t* b, int64_t n, uint16_t* dst);
+
+// Row pair k, k + 1 (k even; a/b null: zeros) of a VNNI-packed matrix stored in column panels of
+// `panel` columns (the last may be narrower), each panel kp rows deep: element (k, n) of the
+// panel starting at column s, of width w, is at kp * s + (k / 2) * 2w + 2 (n - s) + k % 2.
+void interleave_panels_bf16(const uint16_t* a, const uint16_t* b, int64_t n, int64_t panel,
+                            int64_t kp, int64_t k, uint16_t* dst);
+
+// `blocks` blocks of r values of two rows a and b, interleaved (VNNI pairs) into dst + j * stride
+// for block j: dst[j * stride + 2c] = a[j r + c], dst[j * stride + 2c + 1] = b[j r + c].
+void interleave_blocks_bf16(const uint16_t* a, const uint16_t* b, int64_t blocks, int64_t r,
+                            int64_t stride, uint16_t* dst);
 
 // dst[k] += src[k] for k < n.
 void add_f32(const float* src, int64_t n, float* dst);

@@ -1,0 +1,59 @@
+"""The CPU kernels have two paths for the mixed-precision products: oneDNN's bf16 micro-kernel
+(AMX / AVX512-BF16 machines) and fp32 GEMMs on converted chunks (every other CPU, and float16).
+Both must pass the mixed-precision tests; the micro-kernel path is switched off with
+MISS_EXT_CPU_BRGEMM=0 (read once per process, hence the subprocess), and the workspace cache of
+large temporaries with MISS_EXT_CPU_WORKSPACE=0."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import miss_ext
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.mark.parametrize("env", [{"MISS_EXT_CPU_BRGEMM": "0"}, {"MISS_EXT_CPU_WORKSPACE": "0"}],
+                         ids=["fp32-fallback", "no-workspace-cache"])
+def test_mixed_precision_suite_on_the_other_paths(env):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         str(HERE / "test_mixed_precision.py")],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_both_paths_agree_on_the_block_gradient():
+    """The micro-kernel path (pieces) and the fp32 path give dL/dB within fp32 rounding."""
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(300, 256, generator=g).bfloat16()
+    x = torch.randn(300, 512, generator=g).bfloat16()
+    w = (0.05 * torch.randn(256, 512, generator=g)).bfloat16()
+    ours = torch.ops.miss_ext.bat_io_block_grad(grad, x, w, 64)
+    code = ("import torch, miss_ext, sys; g = torch.Generator().manual_seed(0);"
+            "grad = torch.randn(300, 256, generator=g).bfloat16(); x = torch.randn(300, 512, generator=g).bfloat16();"
+            "w = (0.05 * torch.randn(256, 512, generator=g)).bfloat16();"
+            "torch.save(torch.ops.miss_ext.bat_io_block_grad(grad, x, w, 64), sys.argv[1])")
+    out = HERE / "_fallback_block_grad.pt"
+    try:
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True, timeout=300,
+                       env={**os.environ, "MISS_EXT_CPU_BRGEMM": "0"})
+        other = torch.load(out)
+    finally:
+        out.unlink(missing_ok=True)
+    assert ((ours - other).abs().max() / other.abs().max()).item() < 1e-6
+
+
+def test_empty_cache_releases_the_workspace():
+    w = torch.randn(1024, 1024).bfloat16()
+    b = 0.01 * torch.randn(16, 64, 64)
+    for _ in range(2):
+        torch.ops.miss_ext.bat_transform(w, b, torch.bfloat16)  # a 2 MB temporary, returned to the cache
+    assert miss_ext._C.cpu_workspace_cached_bytes() > 0
+    assert miss_ext.empty_cache() > 0
+    assert miss_ext._C.cpu_workspace_cached_bytes() == 0
