@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # The one script for a GPU machine (no network): build miss_ext in place for sm_90, then
 #   1. build_info,
-#   2. a quick CUDA-vs-CPU kernel parity and determinism sweep over every kernel path,
-#   3. the CUDA test cases:  pytest -q -x tests -k cuda,
-#   4. the benchmark:        python -m bench --device cuda  (a failure there is reported, not fatal).
-# Logs go to $OUT (build.log, parity.log, tests.log, bench.log, bench.csv, bench.png) when it is
-# set, else to bench/results/gpu_check/. Each step has a timeout and the whole run stays under
-# 8 minutes. Exit status: non-zero when the build, the parity sweep or the tests fail.
+#   2. a quick CUDA-vs-CPU kernel parity and determinism sweep over every kernel path
+#      (including the gaps the CPU emulation found, tests/cuda_emu/, and the mixed-precision
+#      paths: bf16/fp16 base, fp32 blocks),
+#   3. the CUDA test cases:  pytest -q tests -k 'cuda and not cuda_emulation' (no -x: one run
+#      reports every failure; the CPU emulation of the kernels is left to CI),
+#   4. the benchmarks:       python -m bench --device cuda, and --suite llm in bfloat16
+#      (a failure there is reported, not fatal).
+# Everything goes to $OUT when it is set, else to bench/results/gpu_check/: build.log,
+# info.log, parity.log, tests.log, tests.xml (JUnit), bench.log/.csv/.png (the default table),
+# bench_llm.log/.csv (the LLM-shape table), summary.txt (one line per step). Each step has a
+# timeout and the whole run stays under 8 minutes. Exit status: non-zero when the build, the
+# parity sweep or the tests fail.
 #
 #   bash bench/gpu_check.sh            (from the repository root)
 set -uo pipefail
@@ -17,7 +23,7 @@ export MAX_JOBS="${MAX_JOBS:-16}"
 PY="${PYTHON:-python}"
 command -v "$PY" >/dev/null || PY=python3
 
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 LOGS="${OUT:-bench/results/gpu_check}"
 mkdir -p "$LOGS"
 
@@ -25,7 +31,8 @@ BUDGET=470  # seconds for everything, leaving margin under 8 minutes
 T0=$(date +%s)
 STATUS=0
 
-log() { echo "[gpu_check $(($(date +%s) - T0))s] $*"; }
+log() { echo "[gpu_check $(($(date +%s) - T0))s] $*" | tee -a "$LOGS/summary.txt"; }
+: >"$LOGS/summary.txt"
 
 # run_step NAME CAP LOGFILE CMD...: runs CMD with a timeout of min(CAP, time left), output to
 # the terminal and LOGFILE; returns CMD's status (124 on timeout).
@@ -58,6 +65,7 @@ log "python: $("$PY" --version 2>&1), torch: $("$PY" -c 'import torch; print(tor
 # An editable install must leave the compiled core importable from the source tree; if this
 # setuptools did not build it in place, do so explicitly.
 export PY
+# shellcheck disable=SC2016  # expanded by the bash -c below, not here
 BUILD='"$PY" -m pip install --no-build-isolation --no-deps -v -e . || exit $?
 if ! "$PY" -c "import miss_ext" 2>/dev/null; then
   echo "editable install does not import; building the extension in place"
@@ -131,6 +139,17 @@ for dtype in DTYPES:
         wide = torch.randn(n, fin + 5, dtype=dtype)
         report(f"blocksum strided {dtype} {(n, fin, r)}",
                *both(lambda w_, r_: ops.blocksum(w_[:, 2:fin + 2], r_), wide, r), dtype)
+        # A row stride that is a multiple of the vector width, 16 bytes in: the vector path on
+        # strided rows (fin + 5 above never is one).
+        v = 16 // wide.element_size()
+        wide = torch.randn(n, fin + 4 * v, dtype=dtype)
+        report(f"blocksum strided vector {dtype} {(n, fin, r)}",
+               *both(lambda w_, r_: ops.blocksum_dropout(w_[:, v:fin + v], r_, 0.3, seed), wide, r), dtype)
+    # The wide-column path (r-blocks wider than a row's threads) with split rows.
+    x = torch.randn(1, 16384, dtype=dtype)
+    report(f"blocksum wide split {dtype} (1, 16384, 1024)", *both(ops.blocksum, x, 1024), dtype)
+    report(f"blocksum_dropout wide split {dtype} (1, 16384, 1024)",
+           *both(lambda x_, r_: ops.blocksum_dropout(x_, r_, 0.3, seed), x, 1024), dtype)
     # tile / tile_dropout / tile_add
     for n, r, feats in [(7, 4, 64), (3, 7, 100), (5, 64, 33), (3, 1, 8), (129, 64, 4096), (2, 16, 60000)]:
         s = torch.randn(n, r, dtype=dtype)
@@ -139,10 +158,13 @@ for dtype in DTYPES:
                *both(lambda s_, f_: ops.tile_dropout(s_, f_, 0.3, seed), s, feats), dtype)
         base = torch.randn(n, feats, dtype=dtype)
         report(f"tile_add {dtype} {(n, r, feats)}", *both(ops.tile_add, base, s), dtype)
-    # BAT: r = 1, odd r, small-r path, r in (32, 64) not a multiple of 16, WMMA sizes, r == in.
+    # BAT: r = 1, odd r, small-r path, r in (32, 64) not a multiple of 16, WMMA sizes, r == in;
+    # split rows on the small and 32-wide tiled block-grad paths (48, 4096, 16), (64, 2048, 32);
+    # WMMA with several tiles and splits (160, 1280, 80).
     for out_f, in_f, r in [(8, 12, 1), (48, 96, 3), (128, 256, 16), (96, 192, 32), (240, 480, 40),
                            (288, 576, 48), (256, 512, 64), (512, 1024, 128), (128, 128, 128),
-                           (200, 300, 100), (64, 8192, 64)]:
+                           (200, 300, 100), (64, 8192, 64), (48, 4096, 16), (64, 2048, 32),
+                           (160, 1280, 80)]:
         w = torch.randn(out_f, in_f, dtype=dtype)
         g = torch.randn(out_f, in_f, dtype=dtype)
         b = 0.1 * torch.randn(out_f // r, r, r, dtype=dtype)
@@ -150,6 +172,17 @@ for dtype in DTYPES:
         report(f"bat_weight_grad {dtype} {(out_f, in_f, r)}", *both(ops.bat_weight_grad, g, b), dtype)
         report(f"bat_block_grad {dtype} {(out_f, in_f, r)}",
                *both(lambda g_, w_: ops.bat_block_grad(g_, w_, r), g, w), dtype)
+    # Weights at an offset, sliced after the move. torch.randn(97, 192)[1:] starts 384 bytes in,
+    # 16-byte aligned, so it still takes WMMA; one element (2 bytes) in forces the fallback.
+    for name, big, view in [("row-sliced weight", torch.randn(97, 192, dtype=dtype), lambda t: t[1:]),
+                            ("misaligned weight", torch.randn(96 * 192 + 1, dtype=dtype),
+                             lambda t: t[1:].view(96, 192))]:
+        g = torch.randn(96, 192, dtype=dtype)
+        b = 0.1 * torch.randn(2, 48, 48, dtype=dtype)
+        report(f"bat_transform {name} {dtype} (96, 192, 48)",
+               *both(lambda w_, b_: ops.bat_transform(view(w_), b_), big, b), dtype)
+        report(f"bat_block_grad {name} {dtype} (96, 192, 48)",
+               *both(lambda g_, w_: ops.bat_block_grad(g_, view(w_), 48), g, big), dtype)
     # miss_merge: standard (m = out) and mini (m < out), r not dividing in.
     for out_f, in_f, r, m in [(64, 100, 7, 64), (128, 256, 64, 16), (96, 4096, 128, 96), (10, 3, 5, 5)]:
         w = torch.randn(out_f, in_f, dtype=dtype)
@@ -169,6 +202,44 @@ for dtype in DTYPES:
         cpu = ops.miss_gathered_product(base, s, blocks, index)
         dev = ops.miss_gathered_product(base.cuda(), s.cuda(), [b.cuda() for b in blocks], index.cuda())
         report(f"miss_gathered_product {dtype} {(n, out_f, r, k, m)}", dev, cpu, dtype)
+
+# Mixed precision (csrc/common/kernels.h): a bf16/fp16 base with float32 blocks, in every op
+# that takes it, and the two layers that use them.
+wide = torch.float32
+for dtype in (torch.bfloat16, torch.float16):
+    for n, fin, r in [(7, 64, 4), (3, 100, 7), (2, 60000, 16), (1, 16384, 1024)]:
+        x = torch.randn(n, fin, dtype=dtype)
+        report(f"blocksum mixed {dtype} {(n, fin, r)}",
+               *both(lambda x_, r_: ops.blocksum(x_, r_, dtype=wide), x, r), wide)
+        report(f"blocksum_dropout mixed {dtype} {(n, fin, r)}",
+               *both(lambda x_, r_: ops.blocksum_dropout(x_, r_, 0.3, seed, dtype=wide), x, r), wide)
+    for n, r, feats in [(7, 4, 64), (3, 7, 100), (129, 64, 4096)]:
+        s = torch.randn(n, r, dtype=wide)
+        report(f"tile mixed {dtype} {(n, r, feats)}", *both(lambda s_, f_: ops.tile(s_, f_, dtype=dtype), s, feats),
+               dtype)
+        report(f"tile_dropout mixed {dtype} {(n, r, feats)}",
+               *both(lambda s_, f_: ops.tile_dropout(s_, f_, 0.3, seed, dtype=dtype), s, feats), dtype)
+        report(f"tile_add mixed {dtype} {(n, r, feats)}",
+               *both(ops.tile_add, torch.randn(n, feats, dtype=dtype), s), dtype)
+    for out_f, in_f, r in [(128, 256, 16), (96, 192, 48), (256, 512, 64)]:
+        w = torch.randn(out_f, in_f, dtype=dtype)
+        b = 0.1 * torch.randn(out_f // r, r, r, dtype=wide)
+        report(f"bat_transform mixed {dtype} {(out_f, in_f, r)}",
+               *both(lambda w_, b_: ops.bat_transform(w_, b_, dtype=dtype), w, b), dtype)
+        g, x = torch.randn(64, out_f, dtype=dtype), torch.randn(64, in_f, dtype=dtype)
+        report(f"bat_io_block_grad {dtype} {(out_f, in_f, r)}",
+               *both(lambda g_, x_, w_: ops.bat_io_block_grad(g_, x_, w_, r), g, x, w), wide)
+        report(f"bat_linear mixed {dtype} {(out_f, in_f, r)}",
+               *both(lambda x_, w_, b_: ops.bat_linear(x_, w_, None, [b_]), x, w, b), dtype)
+    base, g = torch.randn(33, 512, dtype=dtype), torch.randn(33, 512, dtype=dtype)
+    s, blk = torch.randn(33, 64, dtype=wide), 0.1 * torch.randn(64, 512, dtype=wide)
+    report(f"miss_add_product {dtype}", *both(ops.miss_add_product, base, s, blk), dtype)
+    report(f"miss_block_grads {dtype}",
+           *both(lambda g_, s_, b_: torch.cat([t.flatten() for t in ops.miss_block_grads(g_, s_, b_)]), g, s, blk),
+           wide)
+    x, w, bias = torch.randn(4, 9, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype), torch.randn(512, dtype=dtype)
+    report(f"miss_linear mixed {dtype}",
+           *both(lambda x_, w_, c_, b_: ops.miss_linear(x_, w_, c_, b_, 0.0, None)[0], x, w, bias, blk), dtype)
 
 # The dropout mask itself must match the CPU bit for bit.
 ones = torch.ones(37, 1000, dtype=torch.float64)
@@ -201,12 +272,17 @@ raise SystemExit(1 if failures else 0)
 EOF
 
 # --- tests --------------------------------------------------------------------------------------
-run_step "pytest -k cuda" 180 "$LOGS/tests.log" "$PY" -m pytest -q -x tests -k cuda || STATUS=1
+run_step "pytest -k cuda" 180 "$LOGS/tests.log" \
+  "$PY" -m pytest -q -rfE tests -k 'cuda and not cuda_emulation' --junitxml "$LOGS/tests.xml" || STATUS=1
 
 # --- benchmark (informative; its failure does not fail the check) -------------------------------
 bench_args=(--device cuda --no-progress --csv "$LOGS/bench.csv" --png "$LOGS/bench.png")
-if ! run_step "bench" 240 "$LOGS/bench.log" "$PY" -m bench "${bench_args[@]}"; then
+if ! run_step "bench" 200 "$LOGS/bench.log" "$PY" -m bench "${bench_args[@]}"; then
   log "the benchmark did not complete; see $LOGS/bench.log (not counted as a failure)"
+fi
+llm_args=(--device cuda --suite llm --dtypes bfloat16 --no-progress --no-png --csv "$LOGS/bench_llm.csv")
+if ! run_step "bench llm bf16" 150 "$LOGS/bench_llm.log" "$PY" -m bench "${llm_args[@]}"; then
+  log "the LLM-shape benchmark did not complete; see $LOGS/bench_llm.log (not counted as a failure)"
 fi
 
 log "done: $([[ $STATUS == 0 ]] && echo PASS || echo FAIL) in $(($(date +%s) - T0))s; logs in $LOGS"

@@ -342,6 +342,20 @@ void launch(const at::Tensor& x, const at::Tensor& block, at::Tensor& out) {
 void bat_transform(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out) {
   if (weight.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(weight.device());
+  const auto bt = block.scalar_type();
+  if (weight.scalar_type() != bt || out.scalar_type() != bt) {
+    // Mixed precision (kernels.h): the products in the block's precision from the weight as
+    // stored, rounded once to out's dtype. Formed as the equal-dtype transform of the weight
+    // converted to the block's dtype, then one conversion into out; this costs weight-sized
+    // temporaries, a fused mixed kernel would not.
+    const at::Tensor w = weight.to(bt).contiguous();
+    const bool direct = out.scalar_type() == bt;
+    at::Tensor o = direct ? out : at::empty_like(w);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bt, "miss_ext_bat_transform_cuda",
+                                    [&] { launch<scalar_t, false, true>(w, block, o); });
+    if (!direct) out.copy_(o);
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
                                   "miss_ext_bat_transform_cuda",
                                   [&] { launch<scalar_t, false, true>(weight, block, out); });

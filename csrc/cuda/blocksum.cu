@@ -7,6 +7,8 @@
 // one contiguous span; the group partials are then added in a fixed order through shared
 // memory. Rows too few to fill the device are also split along j into `splits` chunks whose
 // partials a second kernel adds, again in a fixed order: no atomics, bit-identical reruns.
+// The output may be wider than x (mixed precision: a bf16/fp16 x summed into float32, any x into
+// float64); sums run in the wider of the two (acc_of), x is read as stored and never copied.
 #include "cuda/cuda_utils.cuh"
 
 namespace miss_ext {
@@ -15,7 +17,7 @@ namespace {
 
 using namespace detail;
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename out_t, typename acc_t>
 struct BlocksumArgs {
   const scalar_t* x;
   int64_t ld;      // row stride of x, elements
@@ -25,13 +27,13 @@ struct BlocksumArgs {
   int T;           // threads per row
   int splits;      // chunks of r-blocks per row
   int64_t chunk;   // r-blocks per chunk
-  scalar_t* out;   // written when splits == 1
+  out_t* out;      // written when splits == 1
   acc_t* ws;       // (rows, splits, r) partials when splits > 1
   Mask mask;
 };
 
-template <typename scalar_t, typename acc_t, int V, bool DROP>
-__device__ __forceinline__ void accumulate_unit(const BlocksumArgs<scalar_t, acc_t>& a,
+template <typename scalar_t, typename out_t, typename acc_t, int V, bool DROP>
+__device__ __forceinline__ void accumulate_unit(const BlocksumArgs<scalar_t, out_t, acc_t>& a,
                                                 const scalar_t* row, int64_t n, int64_t ku,
                                                 acc_t (&acc)[V]) {
   const Vec<scalar_t, V> v = load_vec<scalar_t, V>(row + ku * V);
@@ -48,15 +50,15 @@ __device__ __forceinline__ void accumulate_unit(const BlocksumArgs<scalar_t, acc
   }
 }
 
-template <typename scalar_t, typename acc_t, int V, bool DROP>
-__device__ __forceinline__ void emit(const BlocksumArgs<scalar_t, acc_t>& a, int64_t n,
+template <typename scalar_t, typename out_t, typename acc_t, int V, bool DROP>
+__device__ __forceinline__ void emit(const BlocksumArgs<scalar_t, out_t, acc_t>& a, int64_t n,
                                      int split, int64_t col, const acc_t (&acc)[V]) {
   if (a.splits == 1) {
-    scalar_t* o = a.out + n * a.r + col;
+    out_t* o = a.out + n * a.r + col;
 #pragma unroll
     for (int e = 0; e < V; ++e) {
       // The dropout scale multiplies the finished sum once, as the CPU kernel does.
-      o[e] = static_cast<scalar_t>(DROP ? acc[e] * static_cast<acc_t>(a.mask.scale) : acc[e]);
+      o[e] = static_cast<out_t>(DROP ? acc[e] * static_cast<acc_t>(a.mask.scale) : acc[e]);
     }
   } else {
     acc_t* w = a.ws + (n * a.splits + split) * a.r + col;
@@ -65,9 +67,9 @@ __device__ __forceinline__ void emit(const BlocksumArgs<scalar_t, acc_t>& a, int
   }
 }
 
-template <typename scalar_t, typename acc_t, int V, bool DROP>
+template <typename scalar_t, typename out_t, typename acc_t, int V, bool DROP>
 __global__ void __launch_bounds__(kThreads)
-    blocksum_kernel(const BlocksumArgs<scalar_t, acc_t> a, int64_t total_blocks) {
+    blocksum_kernel(const BlocksumArgs<scalar_t, out_t, acc_t> a, int64_t total_blocks) {
   __shared__ acc_t part[kThreads * V];
   const int tid = threadIdx.x;
   const int T = a.T;
@@ -95,9 +97,9 @@ __global__ void __launch_bounds__(kThreads)
           for (int64_t j = j0; j < j1; ++j) {
             const int64_t ku = j * ru + cu;
             if (ku >= inu) break;
-            accumulate_unit<scalar_t, acc_t, V, DROP>(a, row, n, ku, acc);
+            accumulate_unit<scalar_t, out_t, acc_t, V, DROP>(a, row, n, ku, acc);
           }
-          emit<scalar_t, acc_t, V, DROP>(a, n, split, cu * V, acc);
+          emit<scalar_t, out_t, acc_t, V, DROP>(a, n, split, cu * V, acc);
         }
       }
     } else {
@@ -111,7 +113,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int64_t j = j0 + g; j < j1; j += G) {
           const int64_t ku = j * ru + cu;
           if (ku >= inu) break;
-          accumulate_unit<scalar_t, acc_t, V, DROP>(a, row, n, ku, acc);
+          accumulate_unit<scalar_t, out_t, acc_t, V, DROP>(a, row, n, ku, acc);
         }
       }
       // G * ru <= T, so a row group's partials fit in its T * V slots.
@@ -128,7 +130,7 @@ __global__ void __launch_bounds__(kThreads)
           sum[e] = acc_t(0);
           for (int gg = 0; gg < G; ++gg) sum[e] += mine[(gg * ru + l) * V + e];
         }
-        emit<scalar_t, acc_t, V, DROP>(a, n, split, static_cast<int64_t>(l) * V, sum);
+        emit<scalar_t, out_t, acc_t, V, DROP>(a, n, split, static_cast<int64_t>(l) * V, sum);
       }
       __syncthreads();
     }
@@ -136,9 +138,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Adds the per-chunk partials in chunk order.
-template <typename scalar_t, typename acc_t, bool DROP>
+template <typename out_t, typename acc_t, bool DROP>
 __global__ void __launch_bounds__(kThreads)
-    blocksum_finish_kernel(const acc_t* ws, scalar_t* out, int64_t rows, int64_t r, int splits,
+    blocksum_finish_kernel(const acc_t* ws, out_t* out, int64_t rows, int64_t r, int splits,
                            double scale) {
   const int64_t total = rows * r;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
@@ -147,7 +149,7 @@ __global__ void __launch_bounds__(kThreads)
     const acc_t* p = ws + n * splits * r + c;
     acc_t sum = acc_t(0);
     for (int s = 0; s < splits; ++s) sum += p[s * r];
-    out[e] = static_cast<scalar_t>(DROP ? sum * static_cast<acc_t>(scale) : sum);
+    out[e] = static_cast<out_t>(DROP ? sum * static_cast<acc_t>(scale) : sum);
   }
 }
 
@@ -157,17 +159,17 @@ int threads_per_row(int64_t units) {
   return T;
 }
 
-template <typename scalar_t, int V, bool DROP>
+template <typename scalar_t, typename out_t, int V, bool DROP>
 void launch(const at::Tensor& x, int64_t r, const Mask& mask, at::Tensor& out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  BlocksumArgs<scalar_t, acc_t> a;
+  using acc_t = acc_of<scalar_t, out_t>;
+  BlocksumArgs<scalar_t, out_t, acc_t> a;
   a.x = x.data_ptr<scalar_t>();
   a.ld = x.size(0) > 1 ? x.stride(0) : x.size(1);
   a.rows = x.size(0);
   a.in = x.size(1);
   a.r = r;
   a.T = threads_per_row(a.in / V);
-  a.out = out.data_ptr<scalar_t>();
+  a.out = out.data_ptr<out_t>();
   a.ws = nullptr;
   a.mask = mask;
 
@@ -195,26 +197,26 @@ void launch(const at::Tensor& x, int64_t r, const Mask& mask, at::Tensor& out) {
   }
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t total_blocks = row_blocks * splits;
-  blocksum_kernel<scalar_t, acc_t, V, DROP>
+  blocksum_kernel<scalar_t, out_t, acc_t, V, DROP>
       <<<capped_blocks(total_blocks), kThreads, 0, stream>>>(a, total_blocks);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {
-    blocksum_finish_kernel<scalar_t, acc_t, DROP>
+    blocksum_finish_kernel<out_t, acc_t, DROP>
         <<<grid_stride_blocks(a.rows * r, kThreads), kThreads, 0, stream>>>(
             a.ws, a.out, a.rows, r, a.splits, mask.scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
-template <typename scalar_t, bool DROP>
+template <typename scalar_t, typename out_t, bool DROP>
 void launch_any_width(const at::Tensor& x, int64_t r, const Mask& mask, at::Tensor& out) {
   constexpr int V = vec16<scalar_t>();
   const int64_t ld = x.size(0) > 1 ? x.stride(0) : x.size(1);
   const bool vec_ok = aligned16(x.data_ptr()) && ld % V == 0 && x.size(1) % V == 0 && r % V == 0;
   if (vec_ok) {
-    launch<scalar_t, V, DROP>(x, r, mask, out);
+    launch<scalar_t, out_t, V, DROP>(x, r, mask, out);
   } else {
-    launch<scalar_t, 1, DROP>(x, r, mask, out);
+    launch<scalar_t, out_t, 1, DROP>(x, r, mask, out);
   }
 }
 
@@ -229,14 +231,17 @@ void blocksum(const at::Tensor& x, int64_t r, const DropoutArgs& drop, at::Tenso
   const c10::cuda::CUDAGuard guard(x.device());
   const Mask mask = make_mask(drop);
   const bool use_mask = dropout_active(drop);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "miss_ext_blocksum_cuda",
-                                  [&] {
-                                    if (use_mask) {
-                                      launch_any_width<scalar_t, true>(x, r, mask, out);
-                                    } else {
-                                      launch_any_width<scalar_t, false>(x, r, mask, out);
-                                    }
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "miss_ext_blocksum_cuda", [&] {
+    // out is x's dtype or a wider one (the mixed-precision sum).
+    dispatch_wider<scalar_t>(out.scalar_type(), "blocksum", [&](auto out_tag) {
+      using out_t = decltype(out_tag);
+      if (use_mask) {
+        launch_any_width<scalar_t, out_t, true>(x, r, mask, out);
+      } else {
+        launch_any_width<scalar_t, out_t, false>(x, r, mask, out);
+      }
+    });
+  });
 }
 
 }  // namespace cuda

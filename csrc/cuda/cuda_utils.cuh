@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/kernels.h"
 #include "common/philox.h"
@@ -59,6 +60,28 @@ inline unsigned grid_stride_blocks(int64_t items, int64_t per_block) {
 // Blocks for a kernel with one block per work item (or a grid-stride loop over the rest).
 inline unsigned capped_blocks(int64_t blocks) {
   return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, INT_MAX));
+}
+
+// Accumulation type of a kernel that reads `in_t` and writes `out_t` (mixed precision: one of
+// them may be wider): double when either is double, else float, as the CPU kernels' acc_of.
+template <typename in_t, typename out_t>
+using acc_of = std::conditional_t<std::is_same_v<in_t, double> || std::is_same_v<out_t, double>,
+                                  double, float>;
+
+// Calls fn(wide_t{}) for the dtype `wide`, which must be narrow_t's own or a wider float that
+// holds it (float32 for the half types, float64 for all): the mixed-precision pairs of
+// kernels.h. Only those pairs are instantiated.
+template <typename narrow_t, typename F>
+void dispatch_wider(at::ScalarType wide, const char* op, const F& fn) {
+  if (wide == c10::CppTypeToScalarType<narrow_t>::value) return fn(narrow_t{});
+  if constexpr (std::is_same_v<narrow_t, at::Half> || std::is_same_v<narrow_t, at::BFloat16>) {
+    if (wide == at::kFloat) return fn(float{});
+  }
+  if constexpr (!std::is_same_v<narrow_t, double>) {
+    if (wide == at::kDouble) return fn(double{});
+  }
+  TORCH_CHECK(false, "miss_ext.", op, " (CUDA): internal error: dtype ", wide, " does not hold ",
+              c10::CppTypeToScalarType<narrow_t>::value);
 }
 
 // a * b rounded on its own: nvcc would otherwise fuse a following add into an FMA, and the

@@ -2,6 +2,8 @@
 //
 // Elementwise over out in 16-byte units (scalar when a row is not a whole number of units or
 // a pointer is misaligned). s is small and re-read across a row, so its loads hit cache.
+// s may be wider than out (mixed precision: an fp32 term into a bf16/fp16 output); the sum runs
+// in the wider type (acc_of) and is rounded once. base has out's dtype.
 #include "cuda/cuda_utils.cuh"
 
 namespace miss_ext {
@@ -10,12 +12,12 @@ namespace {
 
 using namespace detail;
 
-template <typename scalar_t, int V, bool DROP, bool BASE>
+template <typename s_t, typename scalar_t, int V, bool DROP, bool BASE>
 __global__ void __launch_bounds__(kThreads)
-    tile_kernel(const scalar_t* __restrict__ s, const scalar_t* __restrict__ base,
+    tile_kernel(const s_t* __restrict__ s, const scalar_t* __restrict__ base,
                 scalar_t* __restrict__ out, int64_t rows, int64_t features, int64_t r,
                 Mask mask) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_of<s_t, scalar_t>;
   const int64_t fu = features / V;
   const int64_t total = rows * fu;
   for (int64_t u = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; u < total;
@@ -23,7 +25,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t n = u / fu;
     const int64_t k0 = (u - n * fu) * V;
     const int64_t at_ = n * features + k0;
-    const scalar_t* srow = s + n * r;
+    const s_t* srow = s + n * r;
     int64_t c = k0 % r;
     uint32_t bits = ~0u;
     if constexpr (DROP) bits = keep_bits<V>(mask, static_cast<uint64_t>(at_));
@@ -45,27 +47,27 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename scalar_t, int V, bool DROP, bool BASE>
+template <typename s_t, typename scalar_t, int V, bool DROP, bool BASE>
 void launch(const at::Tensor& s, const at::Tensor& base, const Mask& mask, at::Tensor& out) {
   const int64_t rows = out.size(0), features = out.size(1);
-  tile_kernel<scalar_t, V, DROP, BASE>
+  tile_kernel<s_t, scalar_t, V, DROP, BASE>
       <<<grid_stride_blocks(rows * (features / V), kThreads), kThreads, 0,
          at::cuda::getCurrentCUDAStream()>>>(
-          s.data_ptr<scalar_t>(), BASE ? base.data_ptr<scalar_t>() : nullptr,
+          s.data_ptr<s_t>(), BASE ? base.data_ptr<scalar_t>() : nullptr,
           out.data_ptr<scalar_t>(), rows, features, s.size(1), mask);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t, bool DROP, bool BASE>
+template <typename s_t, typename scalar_t, bool DROP, bool BASE>
 void launch_any_width(const at::Tensor& s, const at::Tensor& base, const Mask& mask,
                       at::Tensor& out) {
   constexpr int V = vec16<scalar_t>();
   const bool vec_ok = out.size(1) % V == 0 && aligned16(out.data_ptr()) &&
                       (!BASE || aligned16(base.data_ptr()));
   if (vec_ok) {
-    launch<scalar_t, V, DROP, BASE>(s, base, mask, out);
+    launch<s_t, scalar_t, V, DROP, BASE>(s, base, mask, out);
   } else {
-    launch<scalar_t, 1, DROP, BASE>(s, base, mask, out);
+    launch<s_t, scalar_t, 1, DROP, BASE>(s, base, mask, out);
   }
 }
 
@@ -77,20 +79,24 @@ void tile(const at::Tensor& s, const at::Tensor& base, const DropoutArgs& drop, 
   const Mask mask = make_mask(drop);
   const bool use_mask = dropout_active(drop);
   const bool has_base = base.defined();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "miss_ext_tile_cuda", [&] {
-    if (use_mask) {
-      if (has_base) {
-        launch_any_width<scalar_t, true, true>(s, base, mask, out);
+  // Dispatched on out's dtype; s has it too, or a wider one (the mixed-precision term).
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "miss_ext_tile_cuda", [&] {
+    dispatch_wider<scalar_t>(s.scalar_type(), "tile", [&](auto s_tag) {
+      using s_t = decltype(s_tag);
+      if (use_mask) {
+        if (has_base) {
+          launch_any_width<s_t, scalar_t, true, true>(s, base, mask, out);
+        } else {
+          launch_any_width<s_t, scalar_t, true, false>(s, base, mask, out);
+        }
       } else {
-        launch_any_width<scalar_t, true, false>(s, base, mask, out);
+        if (has_base) {
+          launch_any_width<s_t, scalar_t, false, true>(s, base, mask, out);
+        } else {
+          launch_any_width<s_t, scalar_t, false, false>(s, base, mask, out);
+        }
       }
-    } else {
-      if (has_base) {
-        launch_any_width<scalar_t, false, true>(s, base, mask, out);
-      } else {
-        launch_any_width<scalar_t, false, false>(s, base, mask, out);
-      }
-    }
+    });
   });
 }
 

@@ -1,0 +1,3 @@
+// Stand-in for the real header, see emu_aten.h.
+#pragma once
+#include "emu_aten.h"
