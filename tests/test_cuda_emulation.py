@@ -248,6 +248,8 @@ MUTATIONS = [
      "if (t >= lo && t < hi) isum += gv;", "if (t >= lo && t <= hi) isum += gv;", ["bat_block_grad", "--dtypes=float32"]),
     ("tile: dropout word of the next element", "tile.cu",
      "keep_bits<V>(mask, static_cast<uint64_t>(at_))", "keep_bits<V>(mask, static_cast<uint64_t>(at_) + 1)", ["tile", "--dtypes=float32"]),
+    ("gathered: missing barrier before the block-sum tile is refilled", "gathered.cu",
+     "        __syncthreads();  // s_tile is refilled next chunk\n", "", ["gathered", "--dtypes=bfloat16"]),
 ]
 # Two more, left out of the default run to keep it short: MISS_EXT_EMU_MUTATIONS=all adds them.
 if os.environ.get("MISS_EXT_EMU_MUTATIONS") == "all":
@@ -257,6 +259,8 @@ if os.environ.get("MISS_EXT_EMU_MUTATIONS") == "all":
          "        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * bv[j];\n    }\n", ["bat_rowmm", "--dtypes=float32"]),
         ("rowmm WMMA: matrix_a fragment row_major swapped for col_major", "bat_rowmm.cu",
          "frag_t, wmma::row_major> fa[2];", "frag_t, wmma::col_major> fa[2];", ["bat_rowmm", "--dtypes=bfloat16"]),
+        ("gathered: a run of rows one row too long", "gathered.cu",
+         "if (tt >= t && tt < u) acc[tt]", "if (tt >= t && tt <= u) acc[tt]", ["gathered", "--dtypes=float32"]),
     ]
 
 
