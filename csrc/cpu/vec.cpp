@@ -181,7 +181,63 @@ __attribute__((target("avx2"))) void transpose_tile16_avx2(const uint16_t* src, 
 }
 #endif
 
+void transpose_tile32_scalar(const uint32_t* src, int64_t rows, int64_t cols, int64_t lds,
+                             uint32_t* dst, int64_t ldd) {
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + t] = src[t * lds + c];
+}
+
+#if defined(__x86_64__)
+// A full 8 x 8 tile of 32-bit values: 32- and 64-bit interleaves within lanes, then lane permutes.
+__attribute__((target("avx2"))) void transpose_tile8_avx2(const uint32_t* src, int64_t lds,
+                                                           uint32_t* dst, int64_t ldd) {
+  __m256i r[8], u[8], v[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * lds));
+  for (int k = 0; k < 4; ++k) {
+    u[2 * k] = _mm256_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+    u[2 * k + 1] = _mm256_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+  }
+  // v[g * 4 + c']: rows 4g..4g+3 of column c' (low lane) and c' + 4 (high lane).
+  for (int g = 0; g < 2; ++g) {
+    v[4 * g + 0] = _mm256_unpacklo_epi64(u[4 * g], u[4 * g + 2]);
+    v[4 * g + 1] = _mm256_unpackhi_epi64(u[4 * g], u[4 * g + 2]);
+    v[4 * g + 2] = _mm256_unpacklo_epi64(u[4 * g + 1], u[4 * g + 3]);
+    v[4 * g + 3] = _mm256_unpackhi_epi64(u[4 * g + 1], u[4 * g + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c * ldd), _mm256_permute2x128_si256(v[c], v[4 + c], 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (c + 4) * ldd), _mm256_permute2x128_si256(v[c], v[4 + c], 0x31));
+  }
+}
+#endif
+
 }  // namespace
+
+void transpose_u32(const uint32_t* src, int64_t rows, int64_t cols, int64_t lds, uint32_t* dst,
+                   int64_t ldd) {
+#if defined(__x86_64__)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+#else
+  constexpr bool avx2 = false;
+#endif
+  for (int64_t t0 = 0; t0 < rows; t0 += 32) {
+    for (int64_t c0 = 0; c0 < cols; c0 += 32) {
+      const int64_t t1 = std::min(rows, t0 + 32), c1 = std::min(cols, c0 + 32);
+      for (int64_t t = t0; t < t1; t += 8) {
+        for (int64_t c = c0; c < c1; c += 8) {
+          const int64_t th = std::min<int64_t>(8, t1 - t), cw = std::min<int64_t>(8, c1 - c);
+#if defined(__x86_64__)
+          if (avx2 && th == 8 && cw == 8) {
+            transpose_tile8_avx2(src + t * lds + c, lds, dst + c * ldd + t, ldd);
+            continue;
+          }
+#endif
+          transpose_tile32_scalar(src + t * lds + c, th, cw, lds, dst + c * ldd + t, ldd);
+        }
+      }
+    }
+  }
+}
 
 void transpose_u16(const uint16_t* src, int64_t rows, int64_t cols, int64_t lds, uint16_t* dst,
                    int64_t ldd) {
@@ -207,6 +263,14 @@ void transpose_u16(const uint16_t* src, int64_t rows, int64_t cols, int64_t lds,
         }
       }
     }
+  }
+}
+
+MISS_EXT_MULTIVERSION void store_bf16(const float* c, const float* bias, int64_t n, uint16_t* out) {
+  if (bias) {
+    for (int64_t k = 0; k < n; ++k) out[k] = to_bf16(c[k] + bias[k]);
+  } else {
+    for (int64_t k = 0; k < n; ++k) out[k] = to_bf16(c[k]);
   }
 }
 
