@@ -547,24 +547,30 @@ std::tuple<at::Tensor, at::Tensor> miss_linear(const at::Tensor& x, const at::Te
   return {y, s};
 }
 
-at::Tensor miss_add_product(const at::Tensor& base, const at::Tensor& s, const at::Tensor& block) {
-  MISS_EXT_NO_AUTOCAST;
-  const char* op = "miss_add_product";
-  check_float(op, "base", base);
+// The argument rules of the two standard-MiSS product ops: `a` (base or grad, (..., out)),
+// s (..., r) and block (r, out), s and block in one dtype that holds a's.
+void check_product(const char* op, const char* a_name, const at::Tensor& a, const at::Tensor& s,
+                   const at::Tensor& block) {
+  check_float(op, a_name, a);
   check_float(op, "s", s);
   check_float(op, "block", block);
-  check_same_device(op, "base", base, "s", s);
-  check_same_device(op, "base", base, "block", block);
+  check_same_device(op, a_name, a, "s", s);
+  check_same_device(op, a_name, a, "block", block);
   check_same_dtype(op, "s", s, "block", block);
-  check_block_holds(op, "base", base, block);
+  check_block_holds(op, a_name, a, block);
   check_dim(op, "block", block, 2, "(r, out_features)");
-  TORCH_CHECK(base.dim() >= 1 && base.dim() == s.dim() &&
-                  base.sizes().slice(0, base.dim() - 1) == s.sizes().slice(0, s.dim() - 1),
-              "miss_ext.", op, ": arguments 'base' ", base.sizes(), " and 's' ", s.sizes(),
+  TORCH_CHECK(a.dim() >= 1 && a.dim() == s.dim() &&
+                  a.sizes().slice(0, a.dim() - 1) == s.sizes().slice(0, s.dim() - 1),
+              "miss_ext.", op, ": arguments '", a_name, "' ", a.sizes(), " and 's' ", s.sizes(),
               " must have the same leading dimensions");
-  TORCH_CHECK(s.size(-1) == block.size(0) && base.size(-1) == block.size(1), "miss_ext.", op,
-              ": argument 'block' must have shape (s.shape[-1], base.shape[-1]) = (", s.size(-1),
-              ", ", base.size(-1), ") (got ", block.sizes(), ")");
+  TORCH_CHECK(s.size(-1) == block.size(0) && a.size(-1) == block.size(1), "miss_ext.", op,
+              ": argument 'block' must have shape (s.shape[-1], ", a_name, ".shape[-1]) = (",
+              s.size(-1), ", ", a.size(-1), ") (got ", block.sizes(), ")");
+}
+
+at::Tensor miss_add_product(const at::Tensor& base, const at::Tensor& s, const at::Tensor& block) {
+  MISS_EXT_NO_AUTOCAST;
+  check_product("miss_add_product", "base", base, s, block);
   const at::Tensor b2 = as_rows(base).contiguous(), s2 = as_rows(s).contiguous();
   at::Tensor out = at::empty(base.sizes(), base.options());
   at::Tensor out2 = out.view({b2.size(0), b2.size(1)});
@@ -577,22 +583,7 @@ at::Tensor miss_add_product(const at::Tensor& base, const at::Tensor& s, const a
 std::tuple<at::Tensor, at::Tensor> miss_block_grads(const at::Tensor& grad, const at::Tensor& s,
                                                     const at::Tensor& block) {
   MISS_EXT_NO_AUTOCAST;
-  const char* op = "miss_block_grads";
-  check_float(op, "grad", grad);
-  check_float(op, "s", s);
-  check_float(op, "block", block);
-  check_same_device(op, "grad", grad, "s", s);
-  check_same_device(op, "grad", grad, "block", block);
-  check_same_dtype(op, "s", s, "block", block);
-  check_block_holds(op, "grad", grad, block);
-  check_dim(op, "block", block, 2, "(r, out_features)");
-  TORCH_CHECK(grad.dim() >= 1 && grad.dim() == s.dim() &&
-                  grad.sizes().slice(0, grad.dim() - 1) == s.sizes().slice(0, s.dim() - 1),
-              "miss_ext.", op, ": arguments 'grad' ", grad.sizes(), " and 's' ", s.sizes(),
-              " must have the same leading dimensions");
-  TORCH_CHECK(s.size(-1) == block.size(0) && grad.size(-1) == block.size(1), "miss_ext.", op,
-              ": argument 'block' must have shape (s.shape[-1], grad.shape[-1]) = (", s.size(-1),
-              ", ", grad.size(-1), ") (got ", block.sizes(), ")");
+  check_product("miss_block_grads", "grad", grad, s, block);
   const at::Tensor g2 = as_rows(grad).contiguous(), s2 = as_rows(s).contiguous();
   at::Tensor grad_block = at::zeros(block.sizes(), block.options());
   at::Tensor grad_s = at::empty(s.sizes(), s.options());
