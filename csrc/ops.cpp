@@ -32,6 +32,8 @@ TORCH_LIBRARY(miss_ext, m) {
   m.def("bat_transform(Tensor weight, Tensor block, ScalarType? dtype=None) -> Tensor");
   // dL/dB_i = sum_j (W_ij + I)^T G_ij for G = dL/dW'.
   m.def("bat_block_grad(Tensor grad, Tensor weight, int r) -> Tensor");
+  // grad W' with W' as in bat_linear (rounded once to grad's dtype): BAT's input gradient.
+  m.def("bat_input_grad(Tensor grad, Tensor weight, Tensor[] blocks) -> Tensor");
   // The same from the layer's output gradient and input, with G = grad^T x never formed,
   // accumulated in `dtype` (float32, or float64 for float64 x).
   m.def("bat_io_block_grad(Tensor grad, Tensor x, Tensor weight, int r, ScalarType? dtype=None) -> Tensor");
@@ -69,6 +71,7 @@ TORCH_LIBRARY(miss_ext, m) {
   m.impl("bat_transform", &miss_ext::bat_transform); \
   m.impl("bat_block_grad", &miss_ext::bat_block_grad); \
   m.impl("bat_io_block_grad", &miss_ext::bat_io_block_grad); \
+  m.impl("bat_input_grad", &miss_ext::bat_input_grad); \
   m.impl("bat_weight_grad", &miss_ext::bat_weight_grad); \
   m.impl("bat_linear", &miss_ext::bat_linear);       \
   m.impl("bat_unmerge", &miss_ext::bat_unmerge);     \

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/kernels.h"
+#include "cpu/bat_mixed.h"
 #include "cpu/workspace.h"
 
 namespace miss_ext {
@@ -346,6 +347,16 @@ at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight,
                 "precision and rounded once to x's dtype); cast x or the blocks");
   }
   const std::optional<at::Tensor> b = checked_bias(op, x, bias, weight.size(0));
+  const at::Tensor x2 = as_rows(x);
+  if (blocks.size() == 1 && cpu::bat_fused_ok(x, weight, blocks[0])) {
+    // One adapter on the CPU micro-kernels: W' formed on the way into the GEMM (cpu/bat_fused.cpp).
+    at::Tensor y = at::empty(with_last(x, weight.size(0)), x.options());
+    at::Tensor y2 = y.view({x2.size(0), weight.size(0)});
+    if (y.numel() > 0) {
+      cpu::bat_linear_fused(x2, weight.contiguous(), b.value_or(at::Tensor()), blocks[0].contiguous(), y2);
+    }
+    return y;
+  }
   // Intermediate weights of a chain stay in their block's precision; the last transform rounds
   // once to x's dtype, the dtype of both GEMMs (docs/MATH.md, mixed precision).
   at::Tensor w = weight;
@@ -354,7 +365,6 @@ at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight,
     w = transform(w, blocks[k], last ? x.scalar_type() : blocks[k].scalar_type());
   }
   // Through a 2-D view of a result allocated in its final shape, so the output is not a view.
-  const at::Tensor x2 = as_rows(x);
   at::Tensor y = at::empty(with_last(x, weight.size(0)), x.options());
   at::Tensor y2 = y.view({x2.size(0), weight.size(0)});
   if (b.has_value()) {
@@ -363,6 +373,42 @@ at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight,
     at::mm_out(y2, x2, w.t());
   }
   return y;
+}
+
+at::Tensor bat_input_grad(const at::Tensor& grad, const at::Tensor& weight, at::TensorList blocks) {
+  MISS_EXT_NO_AUTOCAST;
+  const char* op = "bat_input_grad";
+  TORCH_CHECK(!blocks.empty(), "miss_ext.", op,
+              ": argument 'blocks' must hold at least one (out_features / r, r, r) block");
+  check_float(op, "grad", grad);
+  check_float(op, "weight", weight);
+  check_dim(op, "weight", weight, 2, "(out_features, in_features)");
+  check_same_device(op, "grad", grad, "weight", weight);
+  TORCH_CHECK(grad.dim() >= 1 && grad.size(-1) == weight.size(0), "miss_ext.", op,
+              ": argument 'grad' must end in out_features = ", weight.size(0), " (got shape ",
+              grad.sizes(), ")");
+  for (const auto& b : blocks) {
+    check_bat_shapes(op, "weight", weight, b);
+    TORCH_CHECK(holds(grad.scalar_type(), b.scalar_type()), "miss_ext.", op, ": every block (got ",
+                b.scalar_type(), ") must have grad's dtype (", grad.scalar_type(),
+                ") or a wider float that holds it");
+  }
+  const at::Tensor g2 = as_rows(grad);
+  at::Tensor dx = at::empty(with_last(grad, weight.size(1)), grad.options());
+  at::Tensor dx2 = dx.view({g2.size(0), weight.size(1)});
+  if (dx.numel() == 0) return dx;
+  if (blocks.size() == 1 && cpu::bat_fused_ok(grad, weight, blocks[0])) {
+    cpu::bat_input_grad_fused(g2, weight.contiguous(), blocks[0].contiguous(), dx2);
+    return dx;
+  }
+  // W' as in bat_linear: the last transform rounds once to grad's dtype, the GEMM's.
+  at::Tensor w = weight;
+  for (size_t k = 0; k < blocks.size(); ++k) {
+    const bool last = k + 1 == blocks.size();
+    w = transform(w, blocks[k], last ? grad.scalar_type() : blocks[k].scalar_type());
+  }
+  at::mm_out(dx2, g2, w);
+  return dx;
 }
 
 at::Tensor bat_io_block_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
@@ -501,24 +547,30 @@ std::tuple<at::Tensor, at::Tensor> miss_linear(const at::Tensor& x, const at::Te
   return {y, s};
 }
 
-at::Tensor miss_add_product(const at::Tensor& base, const at::Tensor& s, const at::Tensor& block) {
-  MISS_EXT_NO_AUTOCAST;
-  const char* op = "miss_add_product";
-  check_float(op, "base", base);
+// The argument rules of the two standard-MiSS product ops: `a` (base or grad, (..., out)),
+// s (..., r) and block (r, out), s and block in one dtype that holds a's.
+void check_product(const char* op, const char* a_name, const at::Tensor& a, const at::Tensor& s,
+                   const at::Tensor& block) {
+  check_float(op, a_name, a);
   check_float(op, "s", s);
   check_float(op, "block", block);
-  check_same_device(op, "base", base, "s", s);
-  check_same_device(op, "base", base, "block", block);
+  check_same_device(op, a_name, a, "s", s);
+  check_same_device(op, a_name, a, "block", block);
   check_same_dtype(op, "s", s, "block", block);
-  check_block_holds(op, "base", base, block);
+  check_block_holds(op, a_name, a, block);
   check_dim(op, "block", block, 2, "(r, out_features)");
-  TORCH_CHECK(base.dim() >= 1 && base.dim() == s.dim() &&
-                  base.sizes().slice(0, base.dim() - 1) == s.sizes().slice(0, s.dim() - 1),
-              "miss_ext.", op, ": arguments 'base' ", base.sizes(), " and 's' ", s.sizes(),
+  TORCH_CHECK(a.dim() >= 1 && a.dim() == s.dim() &&
+                  a.sizes().slice(0, a.dim() - 1) == s.sizes().slice(0, s.dim() - 1),
+              "miss_ext.", op, ": arguments '", a_name, "' ", a.sizes(), " and 's' ", s.sizes(),
               " must have the same leading dimensions");
-  TORCH_CHECK(s.size(-1) == block.size(0) && base.size(-1) == block.size(1), "miss_ext.", op,
-              ": argument 'block' must have shape (s.shape[-1], base.shape[-1]) = (", s.size(-1),
-              ", ", base.size(-1), ") (got ", block.sizes(), ")");
+  TORCH_CHECK(s.size(-1) == block.size(0) && a.size(-1) == block.size(1), "miss_ext.", op,
+              ": argument 'block' must have shape (s.shape[-1], ", a_name, ".shape[-1]) = (",
+              s.size(-1), ", ", a.size(-1), ") (got ", block.sizes(), ")");
+}
+
+at::Tensor miss_add_product(const at::Tensor& base, const at::Tensor& s, const at::Tensor& block) {
+  MISS_EXT_NO_AUTOCAST;
+  check_product("miss_add_product", "base", base, s, block);
   const at::Tensor b2 = as_rows(base).contiguous(), s2 = as_rows(s).contiguous();
   at::Tensor out = at::empty(base.sizes(), base.options());
   at::Tensor out2 = out.view({b2.size(0), b2.size(1)});
@@ -531,22 +583,7 @@ at::Tensor miss_add_product(const at::Tensor& base, const at::Tensor& s, const a
 std::tuple<at::Tensor, at::Tensor> miss_block_grads(const at::Tensor& grad, const at::Tensor& s,
                                                     const at::Tensor& block) {
   MISS_EXT_NO_AUTOCAST;
-  const char* op = "miss_block_grads";
-  check_float(op, "grad", grad);
-  check_float(op, "s", s);
-  check_float(op, "block", block);
-  check_same_device(op, "grad", grad, "s", s);
-  check_same_device(op, "grad", grad, "block", block);
-  check_same_dtype(op, "s", s, "block", block);
-  check_block_holds(op, "grad", grad, block);
-  check_dim(op, "block", block, 2, "(r, out_features)");
-  TORCH_CHECK(grad.dim() >= 1 && grad.dim() == s.dim() &&
-                  grad.sizes().slice(0, grad.dim() - 1) == s.sizes().slice(0, s.dim() - 1),
-              "miss_ext.", op, ": arguments 'grad' ", grad.sizes(), " and 's' ", s.sizes(),
-              " must have the same leading dimensions");
-  TORCH_CHECK(s.size(-1) == block.size(0) && grad.size(-1) == block.size(1), "miss_ext.", op,
-              ": argument 'block' must have shape (s.shape[-1], grad.shape[-1]) = (", s.size(-1),
-              ", ", grad.size(-1), ") (got ", block.sizes(), ")");
+  check_product("miss_block_grads", "grad", grad, s, block);
   const at::Tensor g2 = as_rows(grad).contiguous(), s2 = as_rows(s).contiguous();
   at::Tensor grad_block = at::zeros(block.sizes(), block.options());
   at::Tensor grad_s = at::empty(s.sizes(), s.options());

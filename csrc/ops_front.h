@@ -19,6 +19,7 @@ at::Tensor tile_dropout(const at::Tensor& s, int64_t features, double p, const a
 at::Tensor tile_add(const at::Tensor& base, const at::Tensor& s);
 at::Tensor bat_transform(const at::Tensor& weight, const at::Tensor& block,
                          std::optional<at::ScalarType> dtype);
+at::Tensor bat_input_grad(const at::Tensor& grad, const at::Tensor& weight, at::TensorList blocks);
 at::Tensor bat_io_block_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                              int64_t r, std::optional<at::ScalarType> dtype);
 at::Tensor bat_block_grad(const at::Tensor& grad, const at::Tensor& weight, int64_t r);

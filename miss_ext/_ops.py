@@ -208,6 +208,24 @@ def _(weight, block, dtype=None):
     return weight.new_empty(weight.shape, dtype=dtype or block.dtype)
 
 
+@torch.library.register_fake(_LIB + "bat_input_grad")
+def _(grad, weight, blocks):
+    op = "bat_input_grad"
+    torch._check(len(blocks) > 0, lambda: f"miss_ext.{op}: argument 'blocks' must hold at least one (out_features / r, r, r) block")
+    _check_float(op, "grad", grad)
+    _check_float(op, "weight", weight)
+    _check_dim(op, "weight", weight, 2, "(out_features, in_features)")
+    _same_device(op, grad=grad, weight=weight)
+    torch._check(
+        grad.dim() >= 1 and grad.shape[-1] == weight.shape[0],
+        lambda: f"miss_ext.{op}: argument 'grad' must end in out_features = {weight.shape[0]} (got shape {tuple(grad.shape)})",
+    )
+    for b in blocks:
+        _check_bat(op, "weight", weight, b)
+        torch._check(holds(grad.dtype, b.dtype), lambda: f"miss_ext.{op}: every block (got {b.dtype}) must have grad's dtype ({grad.dtype}) or a wider float that holds it")
+    return grad.new_empty((*grad.shape[:-1], weight.shape[1]))
+
+
 @torch.library.register_fake(_LIB + "bat_io_block_grad")
 def _(grad, x, weight, r, dtype=None):
     op = "bat_io_block_grad"
@@ -541,6 +559,32 @@ torch.library.register_autograd(
 )
 
 
+def _bat_input_grad_setup(ctx, inputs, output):
+    grad, weight, blocks = inputs
+    ctx.save_for_backward(grad, weight, *blocks)
+
+
+def _bat_input_grad_backward(ctx, up):
+    # out = G W': dG = U W'^T (bat_linear of U), and dL/dW' = G^T U as in bat_linear's backward.
+    grad, weight, *blocks = ctx.saved_tensors
+    needs_g, needs_w = ctx.needs_input_grad[:2]
+    needs_blocks = _needs_list(ctx.needs_input_grad[2], len(blocks))
+    u2 = up.reshape(-1, up.shape[-1])
+    g2 = grad.reshape(-1, grad.shape[-1])
+    d_grad = d_w = None
+    d_blocks = [None] * len(blocks)
+    if needs_g:
+        d_grad = ops.bat_linear(u2, weight, None, list(blocks)).reshape(grad.shape)
+    if needs_w or any(needs_blocks):
+        d_w, d_blocks = _bat_param_grads(g2, u2, weight, blocks, needs_w, needs_blocks)
+    return d_grad, d_w, d_blocks
+
+
+torch.library.register_autograd(
+    _LIB + "bat_input_grad", _bat_input_grad_backward, setup_context=_bat_input_grad_setup
+)
+
+
 def _bat_weight_grad_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
@@ -576,41 +620,50 @@ def _acc_dtype(x, blocks):
     return torch.float64 if torch.float64 in (x.dtype, *(b.dtype for b in blocks)) else torch.float32
 
 
+def _bat_param_grads(g2, x2, weight, blocks, needs_w, needs_blocks):
+    """(dL/dweight, [dL/dB...]) of ``g2 W'`` or ``x2 W'^T`` given ``Gw = g2^T x2`` = dL/dW' of the
+    last transform, in the blocks' precision."""
+    acc = _acc_dtype(x2, blocks)
+    grad_w = None
+    grad_blocks = [None] * len(blocks)
+    if len(blocks) == 1 and not needs_w:
+        # One adapter (the usual case): dL/dB from the two factors in fp32, Gw never formed.
+        if needs_blocks[0]:
+            grad_blocks[0] = ops.bat_io_block_grad(g2, x2, weight, blocks[0].shape[1], acc).to(blocks[0].dtype)
+        return grad_w, grad_blocks
+    # Chains and a trainable base: Gw taken back through each transform. Weights before each
+    # transform: W_0 = weight, W_{k+1} = T(W_k, B_k).
+    chain = [weight]
+    for b in blocks[:-1]:
+        chain.append(ops.bat_transform(chain[-1], b))
+    gw = g2.to(acc).t() @ x2.to(acc)
+    for k in range(len(blocks) - 1, -1, -1):
+        if needs_blocks[k]:
+            grad_blocks[k] = ops.bat_block_grad(gw, chain[k].to(acc), blocks[k].shape[1]).to(blocks[k].dtype)
+        if k > 0 or needs_w:
+            gw = ops.bat_weight_grad(gw, blocks[k].to(acc))
+    if needs_w:
+        grad_w = gw.to(weight.dtype)
+    return grad_w, grad_blocks
+
+
+def _needs_list(flag, n):
+    return [flag] * n if isinstance(flag, bool) else list(flag)
+
+
 def _bat_linear_backward(ctx, grad):
     x, weight, *blocks = ctx.saved_tensors
     needs_x, needs_w, needs_bias = ctx.needs_input_grad[:3]
-    needs_blocks = ctx.needs_input_grad[3]
-    if isinstance(needs_blocks, bool):
-        needs_blocks = [needs_blocks] * len(blocks)
+    needs_blocks = _needs_list(ctx.needs_input_grad[3], len(blocks))
     g2 = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
-    last = len(blocks) - 1
     grad_x = grad_w = grad_bias = None
     grad_blocks = [None] * len(blocks)
     if needs_x:
-        w_final = weight  # recomputed as in forward: the last transform rounds to x's dtype
-        for k, b in enumerate(blocks):
-            w_final = ops.bat_transform(w_final, b, x.dtype if k == last else None)
-        grad_x = (g2 @ w_final).reshape(x.shape)
+        # W' recomputed as in forward (the last transform rounds to x's dtype).
+        grad_x = ops.bat_input_grad(g2, weight, list(blocks)).reshape(x.shape)
     if needs_w or any(needs_blocks):
-        acc = _acc_dtype(x, blocks)
-        if len(blocks) == 1 and not needs_w:
-            # One adapter (the usual case): dL/dB from G and x in fp32, Gw never formed.
-            grad_blocks[0] = ops.bat_io_block_grad(g2, x2, weight, blocks[0].shape[1], acc).to(blocks[0].dtype)
-        else:
-            # Chains and a trainable base: Gw = dL/dW' in the blocks' precision, taken back
-            # through each transform. Weights before each transform: W_0 = weight, W_{k+1} = T(W_k, B_k).
-            chain = [weight]
-            for b in blocks[:-1]:
-                chain.append(ops.bat_transform(chain[-1], b))
-            gw = g2.to(acc).t() @ x2.to(acc)
-            for k in range(last, -1, -1):
-                if needs_blocks[k]:
-                    grad_blocks[k] = ops.bat_block_grad(gw, chain[k].to(acc), blocks[k].shape[1]).to(blocks[k].dtype)
-                if k > 0 or needs_w:
-                    gw = ops.bat_weight_grad(gw, blocks[k].to(acc))
-            if needs_w:
-                grad_w = gw.to(weight.dtype)
+        grad_w, grad_blocks = _bat_param_grads(g2, x2, weight, blocks, needs_w, needs_blocks)
     if needs_bias:
         grad_bias = g2.sum(0).to(ctx.bias_dtype)
     return grad_x, grad_w, grad_bias, grad_blocks

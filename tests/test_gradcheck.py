@@ -86,6 +86,18 @@ def test_bat_io_block_grad(device, lead, out_f, in_f, r):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead,out_f,in_f,r", [((5,), 8, 12, 4), ((2, 3), 4, 4, 4), ((4,), 6, 3, 3)])
+def test_bat_input_grad(device, lead, out_f, in_f, r):
+    g = _rand(*lead, out_f, device=device)
+    w = _rand(out_f, in_f, device=device)
+    b = _rand(out_f // r, r, r, device=device, scale=0.3)
+    for subset in _subsets(3):
+        _check(lambda g_, w_, b_: ops.bat_input_grad(g_, w_, [b_]), _with_grad_on([g, w, b], subset))
+    b2 = _rand(out_f // r, r, r, device=device, scale=0.3)
+    _check(lambda g_, p, q: ops.bat_input_grad(g_, w.detach(), [p, q]), (g, b, b2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lead,r,out_f", [((5,), 4, 8), ((2, 3), 3, 5), ((4,), 1, 2)])
 def test_miss_product_ops(device, lead, r, out_f):
     base = _rand(*lead, out_f, device=device)

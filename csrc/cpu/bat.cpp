@@ -21,6 +21,7 @@
 
 #include "common/kernels.h"
 #include "cpu/blas_threads.h"
+#include "cpu/convert.h"
 #include "cpu/bat_mixed.h"
 
 namespace miss_ext {
@@ -77,28 +78,15 @@ void add_rows(const scalar_t* w, const scalar_t* p, const scalar_t* b, scalar_t*
   }
 }
 
-// bfloat16 on raw bits, so the compiler vectorizes the conversions (c10::BFloat16's own, with
-// its NaN branch, stays scalar); built for AVX-512 and AVX2 with a portable fallback.
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
-}
-
+// bfloat16 on raw bits (cpu/convert.h), so the compiler vectorizes the conversions
+// (c10::BFloat16's own, with its NaN branch, stays scalar); built for AVX-512 and AVX2 with a
+// portable fallback.
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void add_rows_bf16(
     const uint16_t* w, const uint16_t* p, const uint16_t* b, uint16_t* o, int64_t rows, int64_t r) {
   for (int64_t t = 0; t < rows; ++t, w += r, p += r, o += r) {
     for (int64_t c = 0; c < r; ++c) {
-      const float small = bf16_to_float(p[c]) + (b ? bf16_to_float(b[c]) : 0.0f);
-      o[c] = float_to_bf16(bf16_to_float(w[c]) + small);
+      const float small = bf16_bits_to_float(p[c]) + (b ? bf16_bits_to_float(b[c]) : 0.0f);
+      o[c] = float_to_bf16_bits(bf16_bits_to_float(w[c]) + small);
     }
   }
 }

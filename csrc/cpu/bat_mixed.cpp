@@ -24,6 +24,7 @@
 #include "common/kernels.h"
 #include "cpu/blas_threads.h"
 #include "cpu/amx.h"
+#include "cpu/bat_mixed.h"
 #include "cpu/convert.h"
 #include "cpu/vec.h"
 #include "cpu/workspace.h"
@@ -70,43 +71,29 @@ void transform_epilogue(const w_t* w, const acc_t* p, int64_t ldp, int pieces, c
   }
 }
 
-// weight bf16, block fp32 (contiguous), r % 16 == 0. B_i enters as bf16 pieces whose products
-// accumulate into one fp32 result: two pieces when W' is rounded to bf16 (16 bits of B are far
-// below that rounding), three (B exactly) for a float32 W'.
+// weight bf16, block fp32 (contiguous), r % 16 == 0: two pieces of B when W' is rounded to bf16,
+// three (B exactly) for a float32 W'.
 template <typename out_t>
 void transform_amx(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out) {
   const int64_t r = block.size(1), nb = block.size(0), in = weight.size(1), per_a = in / r;
-  const int pieces = std::is_same_v<out_t, float> ? 3 : 2;
   const bf16* wp = weight.const_data_ptr<bf16>();
   const float* bp = block.const_data_ptr<float>();
   out_t* op = out.mutable_data_ptr<out_t>();
-  for_slab_chunks(nb, in, kTransformRows, [&](int64_t i, int64_t t0, int64_t t1) {
-    const float* bi = bp + i * r * r;
-    std::vector<uint16_t> parts(3 * r * r);
-    vec::split_bf16(bi, r * r, pieces, parts.data(), parts.data() + r * r, parts.data() + 2 * r * r);
-    std::vector<float> prod((t1 - t0) * r);
-    const bf16* w_rows = wp + (i * in + t0) * r;
-    amx::Panels b;
-    for (int q = 0; q < pieces; ++q) {
-      b.reset(r, r);
-      const bf16* part = reinterpret_cast<const bf16*>(parts.data() + q * r * r);
-      b.pack_rows(0, b.kp(), [&](int64_t k) { return part + k * r; });
-      amx::gemm(t1 - t0, w_rows, r, b, 0, b.count(), prod.data(), r, q > 0);
+  const int64_t per = (in + kTransformRows - 1) / kTransformRows;
+  at::parallel_for(0, nb * per, 1, [&](int64_t begin, int64_t end) {
+    SlabTransform st(weight, block, std::is_same_v<out_t, float> ? 3 : 2);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / per, t0 = (task % per) * kTransformRows;
+      const int64_t t1 = std::min(in, t0 + kTransformRows);
+      out_t* o = op + (i * in + t0) * r;
+      if constexpr (std::is_same_v<out_t, bf16>) {
+        st.rows(i, t0, t1, reinterpret_cast<uint16_t*>(o));
+      } else {
+        transform_epilogue<bf16, out_t, float>(wp + (i * in + t0) * r, st.products(i, t0, t1), r, 1,
+                                               bp + i * r * r, o, t0, t1, r, per_a);
+      }
     }
     amx::release();
-    out_t* o = op + (i * in + t0) * r;
-    if constexpr (std::is_same_v<out_t, bf16>) {
-      // Runs of rows that share B_i's row a(t) = t / (in / r).
-      for (int64_t t = t0; t < t1;) {
-        const int64_t a = t / per_a, t_end = std::min(t1, (a + 1) * per_a);
-        vec::transform_rows_bf16(reinterpret_cast<const uint16_t*>(w_rows + (t - t0) * r),
-                                 prod.data() + (t - t0) * r, r, bi + a * r, t_end - t, r,
-                                 reinterpret_cast<uint16_t*>(o + (t - t0) * r));
-        t = t_end;
-      }
-    } else {
-      transform_epilogue<bf16, out_t, float>(w_rows, prod.data(), r, 1, bi, o, t0, t1, r, per_a);
-    }
   });
 }
 
@@ -263,6 +250,49 @@ void io_block_grad_fallback(const at::Tensor& grad, const at::Tensor& x, const a
 }
 
 }  // namespace
+
+SlabTransform::SlabTransform(const at::Tensor& weight, const at::Tensor& block, int pieces)
+    : w_(weight.const_data_ptr<bf16>()),
+      b_(block.const_data_ptr<float>()),
+      r_(block.size(1)),
+      in_(weight.size(1)),
+      pieces_(pieces),
+      parts_(3 * r_ * r_),
+      prod_(kMaxRows * r_) {}
+
+const float* SlabTransform::products(int64_t i, int64_t t0, int64_t t1) {
+  const int64_t r = r_;
+  if (i != slab_) {  // B_i's pieces, each packed as a B operand (K = N = r)
+    vec::split_bf16(b_ + i * r * r, r * r, pieces_, parts_.data(), parts_.data() + r * r,
+                    parts_.data() + 2 * r * r);
+    for (int q = 0; q < pieces_; ++q) {
+      const bf16* part = reinterpret_cast<const bf16*>(parts_.data() + q * r * r);
+      packed_[q].reset(r, r);
+      packed_[q].pack_rows(0, packed_[q].kp(), [&](int64_t k) { return part + k * r; });
+    }
+    slab_ = i;
+  }
+  const bf16* w_rows = w_ + (i * in_ + t0) * r;
+  for (int q = 0; q < pieces_; ++q)
+    amx::gemm(t1 - t0, w_rows, r, packed_[q], 0, packed_[q].count(), prod_.data(), r, q > 0);
+  return prod_.data();
+}
+
+void SlabTransform::rows(int64_t i, int64_t t0, int64_t t1, uint16_t* out) {
+  const int64_t r = r_, per_a = in_ / r;
+  for (int64_t c0 = t0; c0 < t1; c0 += kMaxRows) {
+    const int64_t c1 = std::min(t1, c0 + kMaxRows);
+    const float* prod = products(i, c0, c1);
+    // Runs of rows that share B_i's row a(t) = t / (in / r).
+    for (int64_t t = c0; t < c1;) {
+      const int64_t a = t / per_a, t_end = std::min(c1, (a + 1) * per_a);
+      vec::transform_rows_bf16(reinterpret_cast<const uint16_t*>(w_ + (i * in_ + t) * r),
+                               prod + (t - c0) * r, r, b_ + (i * r + a) * r, t_end - t, r,
+                               out + (t - t0) * r);
+      t = t_end;
+    }
+  }
+}
 
 void bat_transform_mixed(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out) {
   const int64_t r = block.size(1);

@@ -1,13 +1,55 @@
-// The mixed-precision BAT transform (cpu/bat_mixed.cpp), which cpu::bat_transform hands over to
-// when the weight, block and output dtypes are not all equal.
+// The mixed-precision BAT pieces of the CPU backend: the transform cpu::bat_transform hands over
+// to when the weight, block and output dtypes are not all equal (cpu/bat_mixed.cpp), and the
+// fused GEMMs that form W' on the way (cpu/bat_fused.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "cpu/amx.h"
 
 namespace miss_ext {
 namespace cpu {
 
 void bat_transform_mixed(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out);
+
+// W' = W + (W B_i + B_i) on the micro-kernels, slab by slab, for a bf16 weight and fp32 blocks
+// (contiguous, r % 16 == 0, amx::available()). B_i enters as `pieces` bf16 pieces (2: 16 of fp32's
+// mantissa bits, enough for a W' rounded to bf16; 3: B exactly). One object per thread: it keeps
+// its scratch and the packed pieces of the last slab.
+class SlabTransform {
+ public:
+  SlabTransform(const at::Tensor& weight, const at::Tensor& block, int pieces = 2);
+  // W B_i in fp32 for rows [t0, t1) of slab i in the copy-free view (in rows of r, row t =
+  // W[i r + t / (in / r), (t % (in / r)) r : + r]); valid until the next call. At most
+  // kMaxRows rows per call.
+  const float* products(int64_t i, int64_t t0, int64_t t1);
+  // The same rows of W' rounded to bf16, written from out (row t0 first).
+  void rows(int64_t i, int64_t t0, int64_t t1, uint16_t* out);
+  static constexpr int64_t kMaxRows = 1024;
+
+ private:
+  const amx::bf16* w_;
+  const float* b_;
+  int64_t r_, in_;
+  int pieces_;
+  int64_t slab_ = -1;
+  std::vector<uint16_t> parts_;
+  std::vector<float> prod_;
+  amx::Panels packed_[3];
+};
+
+// Whether the fused BAT GEMMs serve this layer: CPU, bf16 x and weight, fp32 block, r % 16 == 0,
+// micro-kernels available.
+bool bat_fused_ok(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& block);
+// y (N x out, bf16, stride(1) == 1) = x (N x in, stride(1) == 1) W'^T + bias (undefined or (out,))
+void bat_linear_fused(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                      const at::Tensor& block, at::Tensor& y);
+// dx (N x in, bf16) = grad (N x out) W'
+void bat_input_grad_fused(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& block,
+                          at::Tensor& dx);
 
 }  // namespace cpu
 }  // namespace miss_ext

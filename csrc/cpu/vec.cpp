@@ -1,5 +1,7 @@
 #include "cpu/vec.h"
 
+#include "cpu/convert.h"
+
 #include <algorithm>
 #include <cstring>
 
@@ -15,19 +17,8 @@ namespace cpu {
 namespace vec {
 namespace {
 
-inline float to_f32(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
-}
+inline float to_f32(uint16_t h) { return bf16_bits_to_float(h); }
+inline uint16_t to_bf16(float f) { return float_to_bf16_bits(f); }
 
 }  // namespace
 
@@ -144,12 +135,6 @@ MISS_EXT_MULTIVERSION void interleave_blocks_bf16(const uint16_t* a, const uint1
 
 namespace {
 
-void transpose_tile_scalar(const uint16_t* src, int64_t rows, int64_t cols, int64_t lds,
-                           uint16_t* dst, int64_t ldd) {
-  for (int64_t t = 0; t < rows; ++t)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + t] = src[t * lds + c];
-}
-
 #if defined(__x86_64__)
 // A full 16 x 16 tile: 16-, 32- and 64-bit interleaves transpose each 128-bit lane's 8 x 8
 // blocks, then a lane permute joins the halves of every output row.
@@ -181,32 +166,87 @@ __attribute__((target("avx2"))) void transpose_tile16_avx2(const uint16_t* src, 
 }
 #endif
 
+#if defined(__x86_64__)
+// A full 8 x 8 tile of 32-bit values: 32- and 64-bit interleaves within lanes, then lane permutes.
+__attribute__((target("avx2"))) void transpose_tile8_avx2(const uint32_t* src, int64_t lds,
+                                                           uint32_t* dst, int64_t ldd) {
+  __m256i r[8], u[8], v[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * lds));
+  for (int k = 0; k < 4; ++k) {
+    u[2 * k] = _mm256_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+    u[2 * k + 1] = _mm256_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+  }
+  // v[g * 4 + c']: rows 4g..4g+3 of column c' (low lane) and c' + 4 (high lane).
+  for (int g = 0; g < 2; ++g) {
+    v[4 * g + 0] = _mm256_unpacklo_epi64(u[4 * g], u[4 * g + 2]);
+    v[4 * g + 1] = _mm256_unpackhi_epi64(u[4 * g], u[4 * g + 2]);
+    v[4 * g + 2] = _mm256_unpacklo_epi64(u[4 * g + 1], u[4 * g + 3]);
+    v[4 * g + 3] = _mm256_unpackhi_epi64(u[4 * g + 1], u[4 * g + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c * ldd), _mm256_permute2x128_si256(v[c], v[4 + c], 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (c + 4) * ldd), _mm256_permute2x128_si256(v[c], v[4 + c], 0x31));
+  }
+}
+#endif
+
 }  // namespace
 
-void transpose_u16(const uint16_t* src, int64_t rows, int64_t cols, int64_t lds, uint16_t* dst,
-                   int64_t ldd) {
+namespace {
+
+// Blocks of `block` x `block` (in L1) of `tile` x `tile` register tiles; full tiles go to
+// `fast` when the machine has AVX2, edges to the scalar loop.
+template <typename T, typename Fast>
+void transpose_blocked(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd,
+                       int64_t block, int64_t tile, const Fast& fast) {
 #if defined(__x86_64__)
   static const bool avx2 = __builtin_cpu_supports("avx2");
 #else
   constexpr bool avx2 = false;
 #endif
-  // 64 x 64 blocks of 16 x 16 tiles keep both sides in L1.
-  for (int64_t t0 = 0; t0 < rows; t0 += 64) {
-    for (int64_t c0 = 0; c0 < cols; c0 += 64) {
-      const int64_t t1 = std::min(rows, t0 + 64), c1 = std::min(cols, c0 + 64);
-      for (int64_t t = t0; t < t1; t += 16) {
-        for (int64_t c = c0; c < c1; c += 16) {
-          const int64_t th = std::min<int64_t>(16, t1 - t), cw = std::min<int64_t>(16, c1 - c);
-#if defined(__x86_64__)
-          if (avx2 && th == 16 && cw == 16) {
-            transpose_tile16_avx2(src + t * lds + c, lds, dst + c * ldd + t, ldd);
-            continue;
+  for (int64_t t0 = 0; t0 < rows; t0 += block) {
+    for (int64_t c0 = 0; c0 < cols; c0 += block) {
+      const int64_t t1 = std::min(rows, t0 + block), c1 = std::min(cols, c0 + block);
+      for (int64_t t = t0; t < t1; t += tile) {
+        for (int64_t c = c0; c < c1; c += tile) {
+          const int64_t th = std::min(tile, t1 - t), cw = std::min(tile, c1 - c);
+          if (avx2 && th == tile && cw == tile) {
+            fast(src + t * lds + c, lds, dst + c * ldd + t, ldd);
+          } else {
+            for (int64_t i = 0; i < th; ++i)
+              for (int64_t j = 0; j < cw; ++j) dst[(c + j) * ldd + t + i] = src[(t + i) * lds + c + j];
           }
-#endif
-          transpose_tile_scalar(src + t * lds + c, th, cw, lds, dst + c * ldd + t, ldd);
         }
       }
     }
+  }
+}
+
+}  // namespace
+
+void transpose_u32(const uint32_t* src, int64_t rows, int64_t cols, int64_t lds, uint32_t* dst,
+                   int64_t ldd) {
+#if defined(__x86_64__)
+  transpose_blocked(src, rows, cols, lds, dst, ldd, 32, 8, transpose_tile8_avx2);
+#else
+  transpose_blocked(src, rows, cols, lds, dst, ldd, 32, 8, [](const uint32_t*, int64_t, uint32_t*, int64_t) {});
+#endif
+}
+
+void transpose_u16(const uint16_t* src, int64_t rows, int64_t cols, int64_t lds, uint16_t* dst,
+                   int64_t ldd) {
+#if defined(__x86_64__)
+  transpose_blocked(src, rows, cols, lds, dst, ldd, 64, 16, transpose_tile16_avx2);
+#else
+  transpose_blocked(src, rows, cols, lds, dst, ldd, 64, 16, [](const uint16_t*, int64_t, uint16_t*, int64_t) {});
+#endif
+}
+
+MISS_EXT_MULTIVERSION void store_bf16(const float* c, const float* bias, int64_t n, uint16_t* out) {
+  if (bias) {
+    for (int64_t k = 0; k < n; ++k) out[k] = to_bf16(c[k] + bias[k]);
+  } else {
+    for (int64_t k = 0; k < n; ++k) out[k] = to_bf16(c[k]);
   }
 }
 
