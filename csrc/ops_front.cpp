@@ -8,7 +8,6 @@
 #include <string>
 
 #include "common/kernels.h"
-#include "cpu/bat_mixed.h"
 #include "cpu/workspace.h"
 
 namespace miss_ext {
@@ -348,15 +347,6 @@ at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight,
   }
   const std::optional<at::Tensor> b = checked_bias(op, x, bias, weight.size(0));
   const at::Tensor x2 = as_rows(x);
-  if (blocks.size() == 1 && cpu::bat_fused_ok(x, weight, blocks[0])) {
-    // One adapter on the CPU micro-kernels: W' formed on the way into the GEMM (cpu/bat_fused.cpp).
-    at::Tensor y = at::empty(with_last(x, weight.size(0)), x.options());
-    at::Tensor y2 = y.view({x2.size(0), weight.size(0)});
-    if (y.numel() > 0) {
-      cpu::bat_linear_fused(x2, weight.contiguous(), b.value_or(at::Tensor()), blocks[0].contiguous(), y2);
-    }
-    return y;
-  }
   // Intermediate weights of a chain stay in their block's precision; the last transform rounds
   // once to x's dtype, the dtype of both GEMMs (docs/MATH.md, mixed precision).
   at::Tensor w = weight;
@@ -397,10 +387,6 @@ at::Tensor bat_input_grad(const at::Tensor& grad, const at::Tensor& weight, at::
   at::Tensor dx = at::empty(with_last(grad, weight.size(1)), grad.options());
   at::Tensor dx2 = dx.view({g2.size(0), weight.size(1)});
   if (dx.numel() == 0) return dx;
-  if (blocks.size() == 1 && cpu::bat_fused_ok(grad, weight, blocks[0])) {
-    cpu::bat_input_grad_fused(g2, weight.contiguous(), blocks[0].contiguous(), dx2);
-    return dx;
-  }
   // W' as in bat_linear: the last transform rounds once to grad's dtype, the GEMM's.
   at::Tensor w = weight;
   for (size_t k = 0; k < blocks.size(); ++k) {

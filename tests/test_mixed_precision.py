@@ -213,20 +213,3 @@ def test_autocast_matches_peft(variant):
         assert ((y - y_p).abs().max() / y_p.abs().max()).item() < 2e-2
         assert ((dd - dd_p).abs().max() / dd_p.abs().max()).item() < 5e-2
 
-
-@pytest.mark.parametrize("n,in_f,out_f,r", [(37, 128, 96, 16), (64, 256, 128, 64), (50, 512, 256, 128), (33, 192, 96, 48)])
-def test_bat_fused_gemms_equal_the_composed_ones(n, in_f, out_f, r):
-    """On the CPU micro-kernels bat_linear and bat_input_grad form W' on the way into their GEMM;
-    the result must be the composed path's: transform rounded once, then the bf16 GEMM."""
-    ops = torch.ops.miss_ext
-    g = torch.Generator().manual_seed(n)
-    x = torch.randn(n, in_f, generator=g).bfloat16()
-    w = (0.05 * torch.randn(out_f, in_f, generator=g)).bfloat16()
-    b = 0.02 * torch.randn(out_f // r, r, r, generator=g)
-    bias = torch.randn(out_f, generator=g).bfloat16()
-    grad = torch.randn(n, out_f, generator=g).bfloat16()
-    wp = ops.bat_transform(w, b, torch.bfloat16)
-    y, dx = ops.bat_linear(x, w, bias, [b]), ops.bat_input_grad(grad, w, [b])
-    y_ref, dx_ref = nn.functional.linear(x, wp, bias), grad @ wp
-    assert_peft_bits(y, y_ref, max_frac=1e-3)
-    assert_peft_bits(dx, dx_ref, max_frac=1e-3)

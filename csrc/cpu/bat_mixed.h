@@ -1,6 +1,5 @@
-// The mixed-precision BAT pieces of the CPU backend: the transform cpu::bat_transform hands over
-// to when the weight, block and output dtypes are not all equal (cpu/bat_mixed.cpp), and the
-// fused GEMMs that form W' on the way (cpu/bat_fused.cpp).
+// The mixed-precision BAT transform of the CPU backend, which cpu::bat_transform hands over to
+// when the weight, block and output dtypes are not all equal (cpu/bat_mixed.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -40,16 +39,6 @@ class SlabTransform {
   std::vector<float> prod_;
   amx::Panels packed_[3];
 };
-
-// Whether the fused BAT GEMMs serve this layer: CPU, bf16 x and weight, fp32 block, r % 16 == 0,
-// micro-kernels available.
-bool bat_fused_ok(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& block);
-// y (N x out, bf16, stride(1) == 1) = x (N x in, stride(1) == 1) W'^T + bias (undefined or (out,))
-void bat_linear_fused(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                      const at::Tensor& block, at::Tensor& y);
-// dx (N x in, bf16) = grad (N x out) W'
-void bat_input_grad_fused(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& block,
-                          at::Tensor& dx);
 
 }  // namespace cpu
 }  // namespace miss_ext

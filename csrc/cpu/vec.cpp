@@ -166,36 +166,9 @@ __attribute__((target("avx2"))) void transpose_tile16_avx2(const uint16_t* src, 
 }
 #endif
 
-#if defined(__x86_64__)
-// A full 8 x 8 tile of 32-bit values: 32- and 64-bit interleaves within lanes, then lane permutes.
-__attribute__((target("avx2"))) void transpose_tile8_avx2(const uint32_t* src, int64_t lds,
-                                                           uint32_t* dst, int64_t ldd) {
-  __m256i r[8], u[8], v[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * lds));
-  for (int k = 0; k < 4; ++k) {
-    u[2 * k] = _mm256_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
-    u[2 * k + 1] = _mm256_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
-  }
-  // v[g * 4 + c']: rows 4g..4g+3 of column c' (low lane) and c' + 4 (high lane).
-  for (int g = 0; g < 2; ++g) {
-    v[4 * g + 0] = _mm256_unpacklo_epi64(u[4 * g], u[4 * g + 2]);
-    v[4 * g + 1] = _mm256_unpackhi_epi64(u[4 * g], u[4 * g + 2]);
-    v[4 * g + 2] = _mm256_unpacklo_epi64(u[4 * g + 1], u[4 * g + 3]);
-    v[4 * g + 3] = _mm256_unpackhi_epi64(u[4 * g + 1], u[4 * g + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c * ldd), _mm256_permute2x128_si256(v[c], v[4 + c], 0x20));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (c + 4) * ldd), _mm256_permute2x128_si256(v[c], v[4 + c], 0x31));
-  }
-}
-#endif
-
-}  // namespace
-
-namespace {
-
 // Blocks of `block` x `block` (in L1) of `tile` x `tile` register tiles; full tiles go to
-// `fast` when the machine has AVX2, edges to the scalar loop.
+// `fast` when the machine has AVX2, edges to the scalar loop. (A 32-bit version served a fused
+// BAT GEMM that measured slower than transform + aten's GEMM, and went with it.)
 template <typename T, typename Fast>
 void transpose_blocked(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd,
                        int64_t block, int64_t tile, const Fast& fast) {
@@ -224,15 +197,6 @@ void transpose_blocked(const T* src, int64_t rows, int64_t cols, int64_t lds, T*
 
 }  // namespace
 
-void transpose_u32(const uint32_t* src, int64_t rows, int64_t cols, int64_t lds, uint32_t* dst,
-                   int64_t ldd) {
-#if defined(__x86_64__)
-  transpose_blocked(src, rows, cols, lds, dst, ldd, 32, 8, transpose_tile8_avx2);
-#else
-  transpose_blocked(src, rows, cols, lds, dst, ldd, 32, 8, [](const uint32_t*, int64_t, uint32_t*, int64_t) {});
-#endif
-}
-
 void transpose_u16(const uint16_t* src, int64_t rows, int64_t cols, int64_t lds, uint16_t* dst,
                    int64_t ldd) {
 #if defined(__x86_64__)
@@ -240,14 +204,6 @@ void transpose_u16(const uint16_t* src, int64_t rows, int64_t cols, int64_t lds,
 #else
   transpose_blocked(src, rows, cols, lds, dst, ldd, 64, 16, [](const uint16_t*, int64_t, uint16_t*, int64_t) {});
 #endif
-}
-
-MISS_EXT_MULTIVERSION void store_bf16(const float* c, const float* bias, int64_t n, uint16_t* out) {
-  if (bias) {
-    for (int64_t k = 0; k < n; ++k) out[k] = to_bf16(c[k] + bias[k]);
-  } else {
-    for (int64_t k = 0; k < n; ++k) out[k] = to_bf16(c[k]);
-  }
 }
 
 MISS_EXT_MULTIVERSION void add_f32(const float* src, int64_t n, float* dst) {

@@ -52,13 +52,6 @@ void interleave_blocks_bf16(const uint16_t* a, const uint16_t* b, int64_t blocks
 void transpose_u16(const uint16_t* src, int64_t rows, int64_t cols, int64_t lds, uint16_t* dst,
                    int64_t ldd);
 
-// The same for 32-bit values (8 x 8 register tiles on AVX2 machines).
-void transpose_u32(const uint32_t* src, int64_t rows, int64_t cols, int64_t lds, uint32_t* dst,
-                   int64_t ldd);
-
-// out[k] = bf16(c[k] + bias[k]) (bias null: bf16(c[k])) for k < n.
-void store_bf16(const float* c, const float* bias, int64_t n, uint16_t* out);
-
 // dst[k] += src[k] for k < n.
 void add_f32(const float* src, int64_t n, float* dst);
 
