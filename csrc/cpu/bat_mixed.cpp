@@ -153,53 +153,53 @@ void io_block_grad_amx(const at::Tensor& grad, const at::Tensor& x, const at::Te
   const int64_t chunk = std::min(in, r * std::max<int64_t>(1, 512 / r));
   const int64_t width = kPieces * r;
   std::vector<float> d(nb * width * r), rowsum_t(nb * r * r, 0.0f);
+  const int64_t group_cols = std::lcm(r, amx::kPanel), per_group = group_cols / r;
+  const int64_t groups = (nb + per_group - 1) / per_group;
 
   for (int64_t c0 = 0; c0 < in; c0 += chunk) {
     const int64_t w = std::min(in, c0 + chunk) - c0, blocks = w / r;
     const bf16* a = reinterpret_cast<const bf16*>(xt + c0 * kp);
-    at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> ct(w * r), wide;
+    // Slabs in groups that fill whole G panels (lcm(r, 64) columns: 4 slabs of r = 16, one of
+    // r = 64), so the product for a panel is made once and each slab of the group reads its r
+    // columns of it.
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> ct(w * group_cols);
       std::vector<uint16_t> a3(width * w);
       amx::Panels pw;
-      for (int64_t i = begin; i < end; ++i) {
-        // The G panels holding slab i's r output columns: whole panels, or (r < 64) one panel
-        // shared with other slabs, of which only slab i's columns are kept.
-        const int64_t p0 = (i * r) / amx::kPanel, p1 = ((i + 1) * r - 1) / amx::kPanel + 1;
-        const int64_t col0 = pg.start(p0), cols = pg.start(p1 - 1) + pg.width(p1 - 1) - col0;
-        float* ctp = ct.data();
-        if (cols > r) {
-          wide.resize(w * cols);
-          amx::gemm(w, a, kp, pg, p0, p1, wide.data(), cols, false, col0);
-          for (int64_t t = 0; t < w; ++t)
-            std::memcpy(ctp + t * r, wide.data() + t * cols + (i * r - col0), r * sizeof(float));
-        } else {
-          amx::gemm(w, a, kp, pg, p0, p1, ctp, r, false, col0);
-        }
-        // The I-term: rowsum_t[c, a] += Ct[j r + c, a].
-        float* rs = rowsum_t.data() + i * r * r;
-        for (int64_t jj = 0; jj < blocks; ++jj) vec::add_f32(ctp + jj * r * r, r * r, rs);
-        // A3[q r + c, jj r + a] = piece_q(Ct[jj r + c, a]): each r x r block of Ct splits straight
-        // into its place in A3, no element transpose.
-        for (int64_t jj = 0; jj < blocks; ++jj) {
-          uint16_t* dst = a3.data() + jj * r;
-          vec::split_bf16_rows(ctp + jj * r * r, r, r, r, kPieces, dst, dst + r * w, dst + 2 * r * w, w);
-        }
-        // Wrows: row k = (jj, a) is W[i r + a, c0 + jj r : + r]. With one panel (r <= 64) the
-        // row pair (jj, a), (jj, a + 1) lands at jj r^2 + a r: one interleave per a-pair.
-        pw.reset(w, r);
-        if (r <= amx::kPanel) {
-          uint16_t* dst = reinterpret_cast<uint16_t*>(pw.mutable_panel(0));
-          for (int64_t a = 0; a < r; a += 2) {
-            const uint16_t* w0 = wp + (i * r + a) * in + c0;
-            vec::interleave_blocks_bf16(w0, w0 + in, blocks, r, r * r, dst + a * r);
+      for (int64_t gi = begin; gi < end; ++gi) {
+        const int64_t s0 = gi * per_group, s1 = std::min(nb, s0 + per_group);
+        const int64_t col0 = s0 * r, cols = (s1 - s0) * r;
+        const int64_t p0 = col0 / amx::kPanel, p1 = (col0 + cols + amx::kPanel - 1) / amx::kPanel;
+        amx::gemm(w, a, kp, pg, p0, p1, ct.data(), cols, false, col0);
+        for (int64_t i = s0; i < s1; ++i) {
+          const float* ctp = ct.data() + (i - s0) * r;  // slab i's Ct: w rows of r, row stride cols
+          // The I-term: rowsum_t[c, a] += Ct[j r + c, a].
+          float* rs = rowsum_t.data() + i * r * r;
+          for (int64_t t = 0; t < blocks * r; ++t) vec::add_f32(ctp + t * cols, r, rs + (t % r) * r);
+          // A3[q r + c, jj r + a] = piece_q(Ct[jj r + c, a]): each r x r block of Ct splits
+          // straight into its place in A3, no element transpose.
+          for (int64_t jj = 0; jj < blocks; ++jj) {
+            uint16_t* dst = a3.data() + jj * r;
+            vec::split_bf16_rows(ctp + jj * r * cols, r, r, cols, kPieces, dst, dst + r * w,
+                                 dst + 2 * r * w, w);
           }
-        } else {
-          pw.pack_rows(0, pw.kp(), [&](int64_t k) {
-            return reinterpret_cast<const bf16*>(wp + (i * r + k % r) * in + c0 + (k / r) * r);
-          });
+          // Wrows: row k = (jj, a) is W[i r + a, c0 + jj r : + r]. With one panel (r <= 64) the
+          // row pair (jj, a), (jj, a + 1) lands at jj r^2 + a r: one interleave per a-pair.
+          pw.reset(w, r);
+          if (r <= amx::kPanel) {
+            uint16_t* dst = reinterpret_cast<uint16_t*>(pw.mutable_panel(0));
+            for (int64_t a = 0; a < r; a += 2) {
+              const uint16_t* w0 = wp + (i * r + a) * in + c0;
+              vec::interleave_blocks_bf16(w0, w0 + in, blocks, r, r * r, dst + a * r);
+            }
+          } else {
+            pw.pack_rows(0, pw.kp(), [&](int64_t k) {
+              return reinterpret_cast<const bf16*>(wp + (i * r + k % r) * in + c0 + (k / r) * r);
+            });
+          }
+          amx::gemm(width, reinterpret_cast<const bf16*>(a3.data()), w, pw, 0, pw.count(),
+                    d.data() + i * width * r, r, c0 > 0);
         }
-        amx::gemm(width, reinterpret_cast<const bf16*>(a3.data()), w, pw, 0, pw.count(),
-                  d.data() + i * width * r, r, c0 > 0);
       }
       amx::release();
     });
