@@ -325,35 +325,53 @@ at::Tensor bat_weight_grad(const at::Tensor& grad, const at::Tensor& block) {
   return out;
 }
 
+namespace {
+
+// The checks bat_linear and bat_input_grad share: `act` is x (ending in in_features) or grad
+// (ending in out_features), and every block of the chain must hold act's dtype.
+void check_bat_chain(const char* op, const char* act_name, const at::Tensor& act,
+                     const at::Tensor& weight, at::TensorList blocks, int64_t weight_dim,
+                     const char* features_name) {
+  TORCH_CHECK(!blocks.empty(), "miss_ext.", op,
+              ": argument 'blocks' must hold at least one (out_features / r, r, r) block");
+  check_float(op, act_name, act);
+  check_float(op, "weight", weight);
+  check_dim(op, "weight", weight, 2, "(out_features, in_features)");
+  check_same_device(op, act_name, act, "weight", weight);
+  TORCH_CHECK(act.dim() >= 1 && act.size(-1) == weight.size(weight_dim), "miss_ext.", op,
+              ": argument '", act_name, "' must end in ", features_name, " = ",
+              weight.size(weight_dim), " (got shape ", act.sizes(), ")");
+  for (const auto& b : blocks) {
+    check_bat_shapes(op, "weight", weight, b);
+    TORCH_CHECK(holds(act.scalar_type(), b.scalar_type()), "miss_ext.", op, ": every block (got ",
+                b.scalar_type(), ") must have ", act_name, "'s dtype (", act.scalar_type(),
+                ") or a wider float that holds it (mixed precision: W' is formed in the block's "
+                "precision and rounded once to ", act_name, "'s dtype); cast ", act_name,
+                " or the blocks");
+  }
+}
+
+// W' of a chain: intermediate weights stay in their block's precision, the last transform rounds
+// once to the GEMM's dtype (docs/MATH.md, mixed precision).
+at::Tensor chain_transform(const at::Tensor& weight, at::TensorList blocks, at::ScalarType dtype) {
+  at::Tensor w = weight;
+  for (size_t k = 0; k < blocks.size(); ++k) {
+    const bool last = k + 1 == blocks.size();
+    w = transform(w, blocks[k], last ? dtype : blocks[k].scalar_type());
+  }
+  return w;
+}
+
+}  // namespace
+
 at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, at::TensorList blocks) {
   MISS_EXT_NO_AUTOCAST;
   const char* op = "bat_linear";
-  TORCH_CHECK(!blocks.empty(), "miss_ext.", op,
-              ": argument 'blocks' must hold at least one (out_features / r, r, r) block");
-  check_float(op, "x", x);
-  check_float(op, "weight", weight);
-  check_dim(op, "weight", weight, 2, "(out_features, in_features)");
-  check_same_device(op, "x", x, "weight", weight);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), "miss_ext.", op,
-              ": argument 'x' must end in in_features = ", weight.size(1), " (got shape ",
-              x.sizes(), ")");
-  for (const auto& b : blocks) {
-    check_bat_shapes(op, "weight", weight, b);
-    TORCH_CHECK(holds(x.scalar_type(), b.scalar_type()), "miss_ext.", op, ": every block (got ",
-                b.scalar_type(), ") must have x's dtype (", x.scalar_type(),
-                ") or a wider float that holds it (mixed precision: W' is formed in the block's "
-                "precision and rounded once to x's dtype); cast x or the blocks");
-  }
+  check_bat_chain(op, "x", x, weight, blocks, 1, "in_features");
   const std::optional<at::Tensor> b = checked_bias(op, x, bias, weight.size(0));
   const at::Tensor x2 = as_rows(x);
-  // Intermediate weights of a chain stay in their block's precision; the last transform rounds
-  // once to x's dtype, the dtype of both GEMMs (docs/MATH.md, mixed precision).
-  at::Tensor w = weight;
-  for (size_t k = 0; k < blocks.size(); ++k) {
-    const bool last = k + 1 == blocks.size();
-    w = transform(w, blocks[k], last ? x.scalar_type() : blocks[k].scalar_type());
-  }
+  const at::Tensor w = chain_transform(weight, blocks, x.scalar_type());
   // Through a 2-D view of a result allocated in its final shape, so the output is not a view.
   at::Tensor y = at::empty(with_last(x, weight.size(0)), x.options());
   at::Tensor y2 = y.view({x2.size(0), weight.size(0)});
@@ -367,33 +385,12 @@ at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight,
 
 at::Tensor bat_input_grad(const at::Tensor& grad, const at::Tensor& weight, at::TensorList blocks) {
   MISS_EXT_NO_AUTOCAST;
-  const char* op = "bat_input_grad";
-  TORCH_CHECK(!blocks.empty(), "miss_ext.", op,
-              ": argument 'blocks' must hold at least one (out_features / r, r, r) block");
-  check_float(op, "grad", grad);
-  check_float(op, "weight", weight);
-  check_dim(op, "weight", weight, 2, "(out_features, in_features)");
-  check_same_device(op, "grad", grad, "weight", weight);
-  TORCH_CHECK(grad.dim() >= 1 && grad.size(-1) == weight.size(0), "miss_ext.", op,
-              ": argument 'grad' must end in out_features = ", weight.size(0), " (got shape ",
-              grad.sizes(), ")");
-  for (const auto& b : blocks) {
-    check_bat_shapes(op, "weight", weight, b);
-    TORCH_CHECK(holds(grad.scalar_type(), b.scalar_type()), "miss_ext.", op, ": every block (got ",
-                b.scalar_type(), ") must have grad's dtype (", grad.scalar_type(),
-                ") or a wider float that holds it");
-  }
+  check_bat_chain("bat_input_grad", "grad", grad, weight, blocks, 0, "out_features");
   const at::Tensor g2 = as_rows(grad);
   at::Tensor dx = at::empty(with_last(grad, weight.size(1)), grad.options());
   at::Tensor dx2 = dx.view({g2.size(0), weight.size(1)});
   if (dx.numel() == 0) return dx;
-  // W' as in bat_linear: the last transform rounds once to grad's dtype, the GEMM's.
-  at::Tensor w = weight;
-  for (size_t k = 0; k < blocks.size(); ++k) {
-    const bool last = k + 1 == blocks.size();
-    w = transform(w, blocks[k], last ? grad.scalar_type() : blocks[k].scalar_type());
-  }
-  at::mm_out(dx2, g2, w);
+  at::mm_out(dx2, g2, chain_transform(weight, blocks, grad.scalar_type()));
   return dx;
 }
 

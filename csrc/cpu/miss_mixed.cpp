@@ -68,6 +68,20 @@ void add_product_kernel(const at::Tensor& base, const at::Tensor& s, const at::T
 }
 
 // ---------------------------------------------------------------------------------------
+// dst = sum over k-chunks of a(k0, len) @ b(k0, len): the reduction in chunks of kTokenBlock,
+// accumulated in order, so MKL never splits it across threads (see cpu/blas_threads.h).
+template <typename A, typename B>
+void chunked_mm(at::Tensor& dst, int64_t k, const A& a, const B& b) {
+  for (int64_t k0 = 0; k0 < k; k0 += kTokenBlock) {
+    const int64_t len = std::min(k, k0 + kTokenBlock) - k0;
+    if (k0 == 0) {
+      at::mm_out(dst, a(k0, len), b(k0, len));
+    } else {
+      dst.addmm_(a(k0, len), b(k0, len));
+    }
+  }
+}
+
 void block_grads_fallback(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& block,
                           at::Tensor& grad_block, at::Tensor& grad_s) {
   const int64_t n = grad.size(0), out_f = grad.size(1);
@@ -76,30 +90,18 @@ void block_grads_fallback(const at::Tensor& grad, const at::Tensor& s, const at:
   parallel_tasks((n + kGradRows - 1) / kGradRows, [&](int64_t task) {
     const int64_t t0 = task * kGradRows, len = std::min(n, t0 + kGradRows) - t0;
     at::Tensor dst = grad_s.narrow(0, t0, len);
-    // The reduction over out_features in chunks accumulated in order (see cpu/blas_threads.h).
-    for (int64_t c0 = 0; c0 < out_f; c0 += kTokenBlock) {
-      const int64_t w = std::min(out_f, c0 + kTokenBlock) - c0;
-      const at::Tensor gf = grad.narrow(0, t0, len).narrow(1, c0, w).to(acc);
-      if (c0 == 0) {
-        at::mm_out(dst, gf, block_t.narrow(0, c0, w));
-      } else {
-        dst.addmm_(gf, block_t.narrow(0, c0, w));
-      }
-    }
+    chunked_mm(
+        dst, out_f,
+        [&](int64_t c0, int64_t w) { return grad.narrow(0, t0, len).narrow(1, c0, w).to(acc); },
+        [&](int64_t c0, int64_t w) { return block_t.narrow(0, c0, w); });
   });
   const at::Tensor s_t = s.t();
   parallel_tasks((out_f + kGradCols - 1) / kGradCols, [&](int64_t task) {
     const int64_t c0 = task * kGradCols, w = std::min(out_f, c0 + kGradCols) - c0;
     at::Tensor dst = grad_block.narrow(1, c0, w);
-    for (int64_t t0 = 0; t0 < n; t0 += kTokenBlock) {
-      const int64_t len = std::min(n, t0 + kTokenBlock) - t0;
-      const at::Tensor gf = grad.narrow(0, t0, len).narrow(1, c0, w).to(acc);
-      if (t0 == 0) {
-        at::mm_out(dst, s_t.narrow(1, t0, len), gf);
-      } else {
-        dst.addmm_(s_t.narrow(1, t0, len), gf);
-      }
-    }
+    chunked_mm(
+        dst, n, [&](int64_t t0, int64_t len) { return s_t.narrow(1, t0, len); },
+        [&](int64_t t0, int64_t len) { return grad.narrow(0, t0, len).narrow(1, c0, w).to(acc); });
   });
 }
 
