@@ -84,19 +84,28 @@ def check_layer_call(fn: str, x: torch.Tensor, names: Sequence[str], known: Iter
         raise ValueError(
             f"{fn}: Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
         )
+    _check_inference(fn, training)
+    if not isinstance(names, ModelNames):
+        _check_known(fn, names, known, "layer")
+
+
+def _check_inference(fn: str, training: bool) -> None:
     if training:
         raise ValueError(
             f"{fn}: Cannot pass `adapter_names` when the model is in training mode (mixed-adapter batches are "
             f"for inference); call model.eval() first."
         )
-    if not isinstance(names, ModelNames):
-        known = set(known)
-        unknown = sorted({n for n in names if n != BASE and n not in known})
-        if unknown:
-            raise ValueError(
-                f"{fn}: Trying to infer with non-existing adapter(s): {', '.join(unknown)} (this layer has "
-                f"{sorted(known)}; '{BASE}' selects the base layer alone)"
-            )
+
+
+def _check_known(fn: str, names: Sequence[str], known: Iterable[str], what: str) -> None:
+    """Every name is one of ``known`` or ``"__base__"``; ``what`` is "layer" or "model"."""
+    known = set(known)
+    unknown = sorted({n for n in names if n != BASE and n not in known})
+    if unknown:
+        raise ValueError(
+            f"{fn}: Trying to infer with non-existing adapter(s): {', '.join(unknown)} (this {what} has "
+            f"{sorted(known)}; '{BASE}' selects the base {what} alone)"
+        )
 
 
 # ---------------------------------------------------------------- the layer computation
@@ -287,18 +296,8 @@ def check_model_names(fn: str, adapter_names, known: Iterable[str], training: bo
     """The model-level checks (PEFT's ``_enable_peft_forward_hooks``): inference only, every name
     an adapter of some layer or ``"__base__"``; with beam search each name is repeated per beam."""
     names = check_names(fn, adapter_names)
-    if training:
-        raise ValueError(
-            f"{fn}: Cannot pass `adapter_names` when the model is in training mode (mixed-adapter batches are "
-            f"for inference); call model.eval() first."
-        )
-    known = set(known)
-    unknown = sorted({n for n in names if n != BASE and n not in known})
-    if unknown:
-        raise ValueError(
-            f"{fn}: Trying to infer with non-existing adapter(s): {', '.join(unknown)} (the model has "
-            f"{sorted(known)}; '{BASE}' selects the base model alone)"
-        )
+    _check_inference(fn, training)
+    _check_known(fn, names, known, "model")
     if isinstance(num_beams, int) and num_beams > 1:
         names = [n for n in names for _ in range(num_beams)]
     return ModelNames(names)
