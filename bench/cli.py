@@ -25,10 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="miss_ext benchmarks: one layer against the frozen nn.Linear (floor) and PEFT's "
         "MissLinear (peer), or end-to-end training of a small Llama (mode 'train').",
     )
-    p.add_argument("mode", nargs="?", default="layer", choices=("layer", "train", "profile", "serve"),
+    p.add_argument("mode", nargs="?", default="layer", choices=("layer", "train", "profile", "serve", "floor"),
                    help="layer (default): the one-layer suite; train: the training benchmark; profile: "
                    "per-operator torch.profiler breakdown of the layer cases (floor, peft, ours); serve: "
-                   "mixed-adapter batches (bench/serving_bench.py)")
+                   "mixed-adapter batches (bench/serving_bench.py); floor: the cost model's floor for the layer "
+                   "cases from parts measured here, beside miss_ext's ratio (bench/floor.py)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
     p.add_argument("--dtypes", default=None,
                    help="comma list of dtype specs: a dtype (float32, bfloat16, float16; short: fp32, bf16, fp16) "
@@ -291,6 +292,12 @@ def main(argv=None) -> int:
         return run_train(args)
     if args.mode == "profile":
         return run_profile(args)
+    if args.mode == "floor":
+        from .floor import run_floor
+
+        suite = K.SUITES[args.suite]
+        return run_floor(args, _shapes(args, suite), _dtype_specs(args, ("bfloat16+float32",)),
+                         _csv_list(args.variants))
     if args.mode == "serve":
         from .serving_bench import run_serve
 

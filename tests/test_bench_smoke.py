@@ -210,3 +210,42 @@ def test_preset_autocast_flag(tmp_path):
     with open(tmp_path / "a.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8 and all(r["autocast"] == "True" and r["loss_ok"] == "True" for r in rows)
+
+
+def test_floor_mode_smoke(capsys):
+    rc = cli.main(["floor", "--suite", "smoke", "--threads", "1", "--repeats", "2", "--warmup", "1"])
+    assert rc == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.split()[:1] and line.split()[0] in VARIANTS]
+    assert [r[0] for r in rows] == list(VARIANTS)
+    for r in rows:
+        floor_total, ours = float(r[-5]), float(r[-2])
+        assert floor_total >= 1.0 and math.isfinite(ours) and ours > 0
+
+
+def test_floor_model_counts_the_parts():
+    """Standard MiSS, mixed: each product at the cheaper of the fp32 GEMM and its bf16 pieces at
+    the frozen GEMM's rate; the memory passes added; the block sum read by the faster reader."""
+    from bench import cases as K
+    from bench.floor import floor_of
+
+    case = K.Case("standard", torch.bfloat16, K.Shape(100, 200, 300, 10, 10), torch.float32)
+    t = {"fl_fwd": 2.0, "fl_bwd": 2.0, "pass_out": 0.1, "pass_in": 0.2, "pass_w": 0.3, "read_x": 0.05,
+         "read_x_blocksum": 0.04, "read_g": 0.5, "read_g_blocksum": 0.06, "fp32_fwd": 10.0,
+         "fp32_ds": 0.01, "fp32_dd": 10.0}
+    # rate: 2*100*200*300 / 2 ms = 6e6 flops/ms; one small product 2*100*10*300 = 6e5 flops.
+    f = floor_of(case, t)
+    assert f["fwd"] == pytest.approx(2.0 + 0.04 + 6 * 0.1 + 0.1)  # six pieces beat 10 ms of fp32
+    assert f["bwd"] == pytest.approx(2.0 + 0.01 + 3 * 0.1 + 0.2)  # fp32 dS; dD in three pieces
+
+
+def test_floor_model_bat_takes_gw_at_the_better_rate():
+    from bench import cases as K
+    from bench.floor import floor_of
+
+    case = K.Case("bat", torch.bfloat16, K.Shape(100, 200, 300, 10, 10), torch.float32)
+    t = {"fl_fwd": 2.0, "fl_bwd": 2.0, "pass_w": 0.3, "gw": 3.0}
+    transform = 0.3 + 2 * (2.0 * 300 * 200 * 10) / 6e6
+    f = floor_of(case, dict(t, read_x=1, read_x_blocksum=1, read_g=1, read_g_blocksum=1))
+    assert f["fwd"] == pytest.approx(2.0 + transform)
+    assert f["bwd"] == pytest.approx(2.0 + transform + 2.0 + 3 * (2.0 * 300 * 200 * 10) / 6e6)

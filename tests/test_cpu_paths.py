@@ -57,3 +57,19 @@ def test_empty_cache_releases_the_workspace():
     assert miss_ext._C.cpu_workspace_cached_bytes() > 0
     assert miss_ext.empty_cache() > 0
     assert miss_ext._C.cpu_workspace_cached_bytes() == 0
+
+
+@pytest.mark.parametrize("n,out_f,r", [(1, 16, 8), (37, 80, 8), (300, 256, 24), (129, 192, 64)])
+def test_block_grads_on_bf16_grad_match_float64(n, out_f, r):
+    """miss_block_grads with a bf16 G (the micro-kernel path where it runs: odd token counts, a
+    narrow last panel, r not a multiple of the panel) against float64: dL/dD to fp32 accuracy
+    (three pieces of S), dL/dS to 2^-16 (two pieces of D; the caller rounds it to bf16)."""
+    g = torch.Generator().manual_seed(n + out_f + r)
+    grad = torch.randn(n, out_f, generator=g).bfloat16()
+    s = torch.randn(n, r, generator=g) * torch.logspace(-3, 3, r)  # pieces across magnitudes
+    block = 0.05 * torch.randn(r, out_f, generator=g)
+    gb, gs = torch.ops.miss_ext.miss_block_grads(grad, s, block)
+    want_b = s.double().t() @ grad.double()
+    want_s = grad.double() @ block.double().t()
+    assert ((gb.double() - want_b).abs().max() / want_b.abs().max()).item() < 2e-6
+    assert ((gs.double() - want_s).abs().max() / want_s.abs().max()).item() < 3e-5

@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -105,6 +106,23 @@ void block_grads_fallback(const at::Tensor& grad, const at::Tensor& s, const at:
   });
 }
 
+// dL/dS's B operand, [hi(D) | lo(D)]^T (out x 2r): D split in its own layout, each piece
+// transposed (16-bit tiles) into rows of 2r, then packed; the transposes and the packing run on
+// all threads. (An fp32 transpose of D first, then the split, cost more than all of this.)
+void pack_block_pieces(const at::Tensor& block, amx::Panels& pd) {
+  const int64_t r = block.size(0), out_f = block.size(1);
+  std::unique_ptr<uint16_t[]> pieces(new uint16_t[2 * r * out_f]), rows(new uint16_t[out_f * 2 * r]);
+  vec::split_bf16(block.const_data_ptr<float>(), r * out_f, 2, pieces.get(), pieces.get() + r * out_f,
+                  nullptr);
+  at::parallel_for(0, 2, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q)
+      vec::transpose_u16(pieces.get() + q * r * out_f, r, out_f, out_f, rows.get() + q * r, 2 * r);
+  });
+  at::parallel_for(0, pd.kp() / 2, 64, [&](int64_t p0, int64_t p1) {
+    pd.pack_rows(2 * p0, 2 * p1, [&](int64_t k) { return reinterpret_cast<const bf16*>(rows.get() + k * 2 * r); });
+  });
+}
+
 // grad bf16 (N x out), s and block fp32; out % 16 == 0, r % 8 == 0.
 void block_grads_amx(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& block,
                      at::Tensor& grad_block, at::Tensor& grad_s) {
@@ -112,15 +130,9 @@ void block_grads_amx(const at::Tensor& grad, const at::Tensor& s, const at::Tens
   const int64_t ldg = grad.stride(0);
   const bf16* gp = grad.const_data_ptr<bf16>();
 
-  // dL/dS = G [hi(D) | lo(D)]^T: B row k = column k of D, in pieces.
+  // dL/dS = G [hi(D) | lo(D)]^T.
   amx::Panels pd(out_f, 2 * r);
-  {
-    const at::Tensor dt = block.t().contiguous();  // (out, r): row k = column k of D
-    std::vector<uint16_t> rows(out_f * 2 * r);
-    vec::split_bf16_rows(dt.const_data_ptr<float>(), out_f, r, r, 2, rows.data(), rows.data() + r,
-                         nullptr, 2 * r);
-    pd.pack_rows(0, pd.kp(), [&](int64_t k) { return reinterpret_cast<const bf16*>(rows.data() + k * 2 * r); });
-  }
+  pack_block_pieces(block, pd);
   float* gsp = grad_s.mutable_data_ptr<float>();
   parallel_tasks((n + kGradRows - 1) / kGradRows, [&](int64_t task) {
     const int64_t t0 = task * kGradRows, len = std::min(n, t0 + kGradRows) - t0;
@@ -132,22 +144,29 @@ void block_grads_amx(const at::Tensor& grad, const at::Tensor& s, const at::Tens
         gsp[(t0 + t) * r + cc] = c[t * 2 * r + cc] + c[t * 2 * r + r + cc];
   });
 
-  // dL/dD = [S1; S2; S3]^T G with S = S1 + S2 + S3 exactly (three bf16 pieces).
+  // dL/dD = [S1; S2; S3]^T G with S = S1 + S2 + S3 exactly (three bf16 pieces): S is split in
+  // its own row-major layout, then each piece transposed (16-bit tiles) into A's rows.
   const int64_t kp = amx::padded_k(n);
   std::vector<uint16_t> a(3 * r * kp, 0);
   {
-    const at::Tensor st = s.t().contiguous();  // (r, N): row c = column c of S
-    vec::split_bf16_rows(st.const_data_ptr<float>(), r, n, n, 3, a.data(), a.data() + r * kp,
-                         a.data() + 2 * r * kp, kp);
+    std::vector<uint16_t> pieces(3 * n * r);
+    vec::split_bf16_rows(s.const_data_ptr<float>(), n, r, r, 3, pieces.data(), pieces.data() + n * r,
+                         pieces.data() + 2 * n * r, r);
+    at::parallel_for(0, 3, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q)
+        vec::transpose_u16(pieces.data() + q * n * r, n, r, r, a.data() + q * r * kp, kp);
+    });
   }
+  // G as the B operand, packed once in row order (whole rows read in sequence, in parallel).
+  amx::Panels pg(n, out_f);
+  at::parallel_for(0, pg.kp() / 2, 16, [&](int64_t p0, int64_t p1) {
+    pg.pack_rows(2 * p0, 2 * p1, [&](int64_t k) { return gp + k * ldg; });
+  });
   float* gbp = grad_block.mutable_data_ptr<float>();
-  const int64_t n_panels = (out_f + amx::kPanel - 1) / amx::kPanel;
-  parallel_tasks(n_panels, [&](int64_t task) {
-    const int64_t c0 = task * amx::kPanel, w = std::min(out_f, c0 + amx::kPanel) - c0;
-    amx::Panels pg(n, w);
-    pg.pack_rows(0, pg.kp(), [&](int64_t k) { return gp + k * ldg + c0; });
+  parallel_tasks(pg.count(), [&](int64_t p) {
+    const int64_t c0 = pg.start(p), w = pg.width(p);
     std::vector<float> c(3 * r * w);
-    amx::gemm(3 * r, reinterpret_cast<const bf16*>(a.data()), kp, pg, 0, pg.count(), c.data(), w, false);
+    amx::gemm(3 * r, reinterpret_cast<const bf16*>(a.data()), kp, pg, p, p + 1, c.data(), w, false, c0);
     amx::release();
     for (int64_t row = 0; row < r; ++row)
       for (int64_t j = 0; j < w; ++j)

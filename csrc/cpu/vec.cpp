@@ -113,6 +113,15 @@ MISS_EXT_MULTIVERSION void interleave_panels_bf16(const uint16_t* a, const uint1
   for (int64_t s = 0; s < n; s += panel) {
     const int64_t w = n - s < panel ? n - s : panel;
     uint16_t* d = dst + kp * s + (k / 2) * 2 * w;
+    if (a && b) {
+      // As 32-bit pairs (little-endian: a in the low half), a form the compiler vectorises;
+      // the branchy element loop below does not vectorise.
+      for (int64_t j = 0; j < w; ++j) {
+        const uint32_t pair = static_cast<uint32_t>(a[s + j]) | (static_cast<uint32_t>(b[s + j]) << 16);
+        std::memcpy(d + 2 * j, &pair, sizeof pair);
+      }
+      continue;
+    }
     for (int64_t j = 0; j < w; ++j) {
       d[2 * j] = a ? a[s + j] : 0;
       d[2 * j + 1] = b ? b[s + j] : 0;
