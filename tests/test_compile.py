@@ -123,3 +123,34 @@ def test_peft_patched_compiles(variant):
     assert_close(got[0], want[0])
     for a, b in zip(got[1], want[1]):
         assert_close(a, b, scale=max(1.0, b.abs().max().item()))
+
+
+def mixed_precision(model):
+    """A bf16 model with fp32 blocks, as get_peft_model leaves a bf16 model."""
+    model.to(torch.bfloat16)
+    for m in model.modules():
+        if isinstance(m, miss_ext.MissLinear):
+            for p in m.miss_block.values():
+                p.data = p.data.float()
+    return model
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_mixed_precision_compiles(backend):
+    """bf16 base, fp32 blocks (what users run): the ops' fake kernels give the mixed dtypes, so the
+    graph is whole; aot_eager runs the same kernels, so it is bit-equal to eager. Inductor fuses
+    the elementwise ops around the layers in fp32 without bf16 roundings in between, so there
+    the gradients agree to bf16 precision."""
+    torch._dynamo.reset()
+    model = mixed_precision(miss_net() if backend == "aot_eager" else miss_net().mixed)
+    x = torch.randn(4, 36 if backend == "aot_eager" else 32, dtype=torch.bfloat16)
+    model.eval()
+    want_y, want_g = fwd_bwd(model, x)
+    got_y, got_g = fwd_bwd(torch.compile(model, fullgraph=True, backend=backend), x)
+    assert got_y.dtype == torch.bfloat16 and torch.equal(got_y, want_y)
+    for a, b in zip(got_g, want_g):
+        assert a.dtype == b.dtype
+        if backend == "aot_eager":
+            assert torch.equal(a, b)
+        else:
+            assert ((a.float() - b.float()).abs().max() / b.float().abs().max()).item() < 2e-2
