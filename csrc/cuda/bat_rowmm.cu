@@ -7,6 +7,9 @@
 //   r <= 32:                     a slab chunk and M_i staged in shared memory, one output each
 //   half types, r % 16 == 0:     WMMA tensor cores (bf16/fp16 in, fp32 accumulate)
 //   otherwise:                   64 x 64 SIMT tiles, 4 x 4 outputs per thread
+// The mixed-precision transform (a bf16/fp16/fp32 weight, a wider float32/float64 block, the
+// result in the weight's dtype: BAT's default mode) runs the first or last path with the block's
+// precision as the accumulator, reading the weight as stored and rounding once on the store.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -19,11 +22,12 @@ namespace {
 
 using namespace detail;
 
-template <typename scalar_t>
+// x and out in one dtype, the block in it or a wider one (the products' precision).
+template <typename scalar_t, typename block_t = scalar_t>
 struct RowMM {
-  const scalar_t* x;  // (nb, in, r)
-  const scalar_t* b;  // (nb, r, r)
-  scalar_t* out;      // (nb, in, r)
+  const scalar_t* x;   // (nb, in, r)
+  const block_t* b;    // (nb, r, r)
+  scalar_t* out;       // (nb, in, r)
   int64_t in;
   int64_t r;
 };
@@ -36,10 +40,10 @@ __device__ __forceinline__ scalar_t m_at(const scalar_t* b, int64_t r, int64_t k
 
 // ---------------------------------------------------------------------------------------
 // r <= 32: a run of rows of one slab and the whole M_i fit in shared memory.
-template <typename scalar_t, bool TRANS, bool ADD>
+template <typename scalar_t, typename block_t, bool TRANS, bool ADD>
 __global__ void __launch_bounds__(kThreads)
-    rowmm_small_kernel(const RowMM<scalar_t> p, int64_t chunks, int rows_per_block) {
-  using acc_t = at::opmath_type<scalar_t>;
+    rowmm_small_kernel(const RowMM<scalar_t, block_t> p, int64_t chunks, int rows_per_block) {
+  using acc_t = at::opmath_type<block_t>;
   extern __shared__ unsigned char smem_raw[];
   acc_t* m = reinterpret_cast<acc_t*>(smem_raw);
   const int r = static_cast<int>(p.r);
@@ -47,7 +51,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t slab = blockIdx.x / chunks;
   const int64_t t0 = (blockIdx.x % chunks) * rows_per_block;
   const int64_t nrows = p.in - t0 < rows_per_block ? p.in - t0 : rows_per_block;
-  const scalar_t* bs = p.b + slab * r * r;
+  const block_t* bs = p.b + slab * r * r;
   const int64_t base = (slab * p.in + t0) * r;
   const int64_t n = nrows * r;
 
@@ -70,10 +74,10 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---------------------------------------------------------------------------------------
 // General r: SIMT tiles of 64 rows x 64 columns, 16 x 16 threads with 4 x 4 outputs each.
-template <typename scalar_t, bool TRANS, bool ADD>
+template <typename scalar_t, typename block_t, bool TRANS, bool ADD>
 __global__ void __launch_bounds__(kThreads)
-    rowmm_tiled_kernel(const RowMM<scalar_t> p, int64_t row_tiles, int64_t col_tiles) {
-  using acc_t = at::opmath_type<scalar_t>;
+    rowmm_tiled_kernel(const RowMM<scalar_t, block_t> p, int64_t row_tiles, int64_t col_tiles) {
+  using acc_t = at::opmath_type<block_t>;
   constexpr int BM = 64, BN = 64, BK = 16;
   __shared__ acc_t as[BK][BM + 1];
   __shared__ acc_t bsm[BK][BN + 1];
@@ -82,7 +86,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t rt = rest % row_tiles, slab = rest / row_tiles;
   const int64_t t0 = rt * BM, c0 = ct * BN, r = p.r;
   const scalar_t* xs = p.x + slab * p.in * r;
-  const scalar_t* bs = p.b + slab * r * r;
+  const block_t* bs = p.b + slab * r * r;
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
 
   acc_t acc[4][4];
@@ -289,12 +293,12 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------
-template <typename scalar_t, bool TRANS, bool ADD>
+template <typename scalar_t, bool TRANS, bool ADD, typename block_t = scalar_t>
 void launch(const at::Tensor& x, const at::Tensor& block, at::Tensor& out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  RowMM<scalar_t> p;
+  using acc_t = at::opmath_type<block_t>;
+  RowMM<scalar_t, block_t> p;
   p.x = x.data_ptr<scalar_t>();
-  p.b = block.data_ptr<scalar_t>();
+  p.b = block.data_ptr<block_t>();
   p.out = out.data_ptr<scalar_t>();
   p.r = block.size(1);
   p.in = x.size(1);
@@ -306,13 +310,15 @@ void launch(const at::Tensor& x, const at::Tensor& block, at::Tensor& out) {
     const int64_t chunks = ceil_div(p.in, rows_per_block);
     const size_t smem = static_cast<size_t>(r * r + rows_per_block * r) * sizeof(acc_t);
     TORCH_CHECK(nb * chunks <= INT_MAX, "miss_ext BAT (CUDA): weight too large for one launch");
-    rowmm_small_kernel<scalar_t, TRANS, ADD>
+    rowmm_small_kernel<scalar_t, block_t, TRANS, ADD>
         <<<static_cast<unsigned>(nb * chunks), kThreads, smem, stream>>>(p, chunks, rows_per_block);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
 
-  constexpr bool kHalfType = std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
+  // WMMA takes half-type operands only: a wider (mixed-precision) block takes the SIMT tiles.
+  constexpr bool kHalfType = std::is_same_v<scalar_t, block_t> &&
+                             (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>);
   if constexpr (kHalfType) {
     const bool mma_ok = r % 16 == 0 && aligned16(p.x) && aligned16(p.b) && aligned16(p.out) &&
                         at::cuda::getCurrentDeviceProperties()->major >= 8;
@@ -331,7 +337,7 @@ void launch(const at::Tensor& x, const at::Tensor& block, at::Tensor& out) {
   const int64_t row_tiles = ceil_div(p.in, 64), col_tiles = ceil_div(r, 64);
   TORCH_CHECK(nb * row_tiles * col_tiles <= INT_MAX,
               "miss_ext BAT (CUDA): weight too large for one launch");
-  rowmm_tiled_kernel<scalar_t, TRANS, ADD>
+  rowmm_tiled_kernel<scalar_t, block_t, TRANS, ADD>
       <<<static_cast<unsigned>(nb * row_tiles * col_tiles), kThreads, 0, stream>>>(
           p, row_tiles, col_tiles);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -339,15 +345,38 @@ void launch(const at::Tensor& x, const at::Tensor& block, at::Tensor& out) {
 
 }  // namespace
 
+// A float32/float64 block on a narrower weight, the result in the weight's dtype (BAT's default
+// mixed mode): one fused pass, the weight read as stored, products in the block's precision,
+// rounded once on the store; nothing weight-sized beyond the output.
+template <typename scalar_t>
+bool mixed_transform(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out) {
+  if (block.scalar_type() == at::kFloat && !std::is_same_v<scalar_t, float>) {
+    launch<scalar_t, false, true, float>(weight, block, out);
+    return true;
+  }
+  if (block.scalar_type() == at::kDouble) {
+    launch<scalar_t, false, true, double>(weight, block, out);
+    return true;
+  }
+  return false;
+}
+
 void bat_transform(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out) {
   if (weight.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(weight.device());
-  const auto bt = block.scalar_type();
-  if (weight.scalar_type() != bt || out.scalar_type() != bt) {
-    // Mixed precision (kernels.h): the products in the block's precision from the weight as
-    // stored, rounded once to out's dtype. Formed as the equal-dtype transform of the weight
-    // converted to the block's dtype, then one conversion into out; this costs weight-sized
-    // temporaries, a fused mixed kernel would not.
+  const auto bt = block.scalar_type(), wt = weight.scalar_type();
+  if (wt != bt && out.scalar_type() == wt && wt != at::kDouble) {
+    bool done = false;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wt, "miss_ext_bat_transform_mixed_cuda",
+                                    [&] {
+      if constexpr (!std::is_same_v<scalar_t, double>) done = mixed_transform<scalar_t>(weight, block, out);
+    });
+    if (done) return;
+  }
+  if (wt != bt || out.scalar_type() != bt) {
+    // Other mixed combinations (an output in the block's dtype, as the chained transforms of
+    // several BAT adapters ask): the equal-dtype transform of the weight converted to the
+    // block's dtype, then one conversion into out. Weight-sized temporaries; rare.
     const at::Tensor w = weight.to(bt).contiguous();
     const bool direct = out.scalar_type() == bt;
     at::Tensor o = direct ? out : at::empty_like(w);
