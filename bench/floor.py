@@ -47,40 +47,44 @@ def _time_round_robin(fns: Dict[str, Callable[[], object]], warmup: int, repeats
 
 
 def _parts(case: K.Case, setup) -> Dict[str, Callable[[], object]]:
-    """The measured parts. Inputs are detached copies: no autograd in any part."""
+    """The parts ``case``'s floor counts (and only those: each is timed every round). Inputs are
+    detached copies: no autograd in any part."""
     s = case.shape
     n, fin, fout, r = s.tokens, s.in_features, s.out_features, s.r
     x = setup.x.detach().clone()
     g = setup.grad_out.detach().clone()
     w = setup.base.weight.detach()
-    y, dx = torch.empty(n, fout, dtype=case.dtype), torch.empty(n, fin, dtype=case.dtype)
-    wt = torch.empty_like(w)
-    g32 = g.float()
-    parts: Dict[str, Callable[[], object]] = {
-        "fl_fwd": lambda: F.linear(x, w),
-        "fl_bwd": lambda: g @ w,
-        "pass_out": lambda: y.copy_(g),
-        "pass_in": lambda: dx.copy_(x),
-        "pass_w": lambda: wt.copy_(w),
-        # One read, by the faster of aten's reduction and miss_ext's block sum (a pure pass).
-        "read_x": lambda: x.sum(0, dtype=torch.float32),
-        "read_x_blocksum": lambda: torch.ops.miss_ext.blocksum(x, r, torch.float32),
-        "read_g": lambda: g.sum(0, dtype=torch.float32),
-        "read_g_blocksum": lambda: torch.ops.miss_ext.blocksum(g, s.mini_r, torch.float32),
-    }
-    if case.variant == "standard":
-        sm = torch.randn(n, r)
-        d = torch.randn(block_shape(case))
-        parts["fp32_fwd"] = lambda: sm @ d
-        parts["fp32_ds"] = lambda: g32 @ d.t()
-        parts["fp32_dd"] = lambda: sm.t() @ g32
-    elif case.variant == "bat":
+    blocksum = torch.ops.miss_ext.blocksum
+    parts: Dict[str, Callable[[], object]] = {"fl_fwd": lambda: F.linear(x, w), "fl_bwd": lambda: g @ w}
+    if case.variant == "bat":
+        wt = torch.empty_like(w)
+        parts["pass_w"] = lambda: wt.copy_(w)
         parts["gw"] = lambda: g.t() @ x
+        return parts
+    y, dx = torch.empty(n, fout, dtype=case.dtype), torch.empty(n, fin, dtype=case.dtype)
+    parts["pass_out"] = lambda: y.copy_(g)
+    parts["pass_in"] = lambda: dx.copy_(x)
+    # One read, by the faster of aten's reduction and miss_ext's block sum (a pure pass).
+    parts["read_x"] = lambda: x.sum(0, dtype=torch.float32)
+    parts["read_x_blocksum"] = lambda: blocksum(x, r, torch.float32)
+    if case.variant == "mini":
+        parts["read_g"] = lambda: g.sum(0, dtype=torch.float32)
+        parts["read_g_blocksum"] = lambda: blocksum(g, s.mini_r, torch.float32)
+        return parts
+    sm, g32 = torch.randn(n, r), g.float()
+    d = torch.randn(block_shape(case))
+    parts["fp32_fwd"] = lambda: sm @ d
+    parts["fp32_ds"] = lambda: g32 @ d.t()
+    parts["fp32_dd"] = lambda: sm.t() @ g32
     return parts
 
 
 def _product(t_fp32: float, flops: float, pieces: int, bf16_rate: float) -> float:
-    return min(t_fp32, pieces * flops / bf16_rate) if t_fp32 == t_fp32 else pieces * flops / bf16_rate
+    return min(t_fp32, pieces * flops / bf16_rate)
+
+
+def _read(t: Dict[str, float], what: str) -> float:
+    return min(t[f"read_{what}"], t[f"read_{what}_blocksum"])
 
 
 def floor_of(case: K.Case, t: Dict[str, float]) -> Dict[str, float]:
@@ -88,15 +92,14 @@ def floor_of(case: K.Case, t: Dict[str, float]) -> Dict[str, float]:
     s = case.shape
     n, fin, fout, r = s.tokens, s.in_features, s.out_features, s.r
     rate = 2.0 * n * fin * fout / t["fl_fwd"]  # flops per ms of the frozen bf16 GEMM
-    t = dict(t, read_x=min(t["read_x"], t["read_x_blocksum"]), read_g=min(t["read_g"], t["read_g_blocksum"]))
     if case.variant == "standard":
         small = 2.0 * n * r * fout
-        fwd = t["fl_fwd"] + t["read_x"] + _product(t["fp32_fwd"], small, 6, rate) + t["pass_out"]
+        fwd = t["fl_fwd"] + _read(t, "x") + _product(t["fp32_fwd"], small, 6, rate) + t["pass_out"]
         bwd = (t["fl_bwd"] + _product(t["fp32_ds"], small, 2, rate) + _product(t["fp32_dd"], small, 3, rate)
                + t["pass_in"])
     elif case.variant == "mini":  # the products are N x r x mini_r: negligible
-        fwd = t["fl_fwd"] + t["read_x"] + t["pass_out"]
-        bwd = t["fl_bwd"] + t["read_g"] + t["pass_in"]
+        fwd = t["fl_fwd"] + _read(t, "x") + t["pass_out"]
+        bwd = t["fl_bwd"] + _read(t, "g") + t["pass_in"]
     else:  # bat, default mode: W' formed (two pieces) in forward and again in backward
         transform = t["pass_w"] + 2 * (2.0 * fout * fin * r) / rate
         contraction = 3 * (2.0 * fout * fin * r) / rate  # dL/dB from Gw, three pieces

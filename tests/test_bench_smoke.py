@@ -246,6 +246,6 @@ def test_floor_model_bat_takes_gw_at_the_better_rate():
     case = K.Case("bat", torch.bfloat16, K.Shape(100, 200, 300, 10, 10), torch.float32)
     t = {"fl_fwd": 2.0, "fl_bwd": 2.0, "pass_w": 0.3, "gw": 3.0}
     transform = 0.3 + 2 * (2.0 * 300 * 200 * 10) / 6e6
-    f = floor_of(case, dict(t, read_x=1, read_x_blocksum=1, read_g=1, read_g_blocksum=1))
+    f = floor_of(case, t)
     assert f["fwd"] == pytest.approx(2.0 + transform)
     assert f["bwd"] == pytest.approx(2.0 + transform + 2.0 + 3 * (2.0 * 300 * 200 * 10) / 6e6)
