@@ -4,13 +4,13 @@ weight-grad floor), the memory each keeps for backward, and the errors. One dict
 from __future__ import annotations
 
 import gc
-import sys
 from typing import Callable, List, Optional
 
 import torch
 
 from . import accuracy, contestants as C, costmodel, memory, timing
 from .cases import Case, dtype_str
+from .progress import progress_bar
 
 NAMES = ("floor", "peft", "ours", "floorW")
 
@@ -90,21 +90,10 @@ def run_case(case: Case, device, warmup: int, repeats: int, check: bool = True, 
     return row
 
 
-def _bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="layer bench", unit="round", file=sys.stderr, leave=False,
-                dynamic_ncols=True)
-
-
 def run_suite(cases: List[Case], device="cpu", warmup: int = 2, repeats: int = 10, check: bool = True,
               seed: int = 0, progress: bool = True, log=None, bat_precision: str = "base") -> List[dict]:
     rows = []
-    bar = _bar(len(cases) * (warmup + repeats), progress)
+    bar = progress_bar(len(cases) * (warmup + repeats), "layer bench", "round", progress)
     try:
         for case in cases:
             if bar is not None:

@@ -18,7 +18,6 @@ timed too.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import List
 
@@ -49,21 +48,6 @@ class ServeCase:
     def label(self) -> str:
         return (f"{self.seqs}x{self.tokens // self.seqs} tokens {self.in_f}->{self.out_f} "
                 f"r={self.r} {self.seqs} adapters {self.dtype_name}")
-
-
-class ThreadClock:
-    """CPU time of the calling thread (with torch.set_num_threads(1) all compute runs there)."""
-
-    name = "thread_time"
-
-    def sync(self) -> None:
-        pass
-
-    def mark(self):
-        return time.thread_time_ns()
-
-    def elapsed_ms(self, a, b) -> float:
-        return (b - a) / 1e6
 
 
 def _contestants(case: ServeCase, device, seed: int):
@@ -226,7 +210,7 @@ def run_serve(args) -> int:
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                row.update(_row(case, _measure(contestants, ThreadClock(), warmup, repeats), "cpu1_"))
+                row.update(_row(case, _measure(contestants, timing.ThreadClock(), warmup, repeats), "cpu1_"))
             finally:
                 torch.set_num_threads(threads)
         rows.append(row)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -22,6 +21,7 @@ from torch import nn
 
 from . import memory, timing
 from .cases import INIT_WEIGHTS
+from .progress import progress_bar
 
 TARGETS = {
     "qv": ("q_proj", "v_proj"),
@@ -213,15 +213,7 @@ def train_case(cfg: TrainConfig, targets: str, variant: str, dtype, device, bar=
 
 def run_train_suite(cfg: TrainConfig, targets, variants, dtypes, device="cpu", progress: bool = True) -> List[Dict]:
     combos = [(t, v, d) for d in dtypes for t in targets for v in variants]
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(combos) * cfg.steps, desc="train bench", unit="step", file=sys.stderr,
-                       dynamic_ncols=True, leave=False)
-        except ImportError:
-            bar = None
+    bar = progress_bar(len(combos) * cfg.steps, "train bench", "step", progress)
     rows = []
     try:
         with warnings.catch_warnings():

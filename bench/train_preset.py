@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -40,6 +39,7 @@ from torch import nn
 
 from . import memory, timing
 from .cases import INIT_WEIGHTS, dtype_str
+from .progress import progress_bar
 from .train_bench import PEFT_PREFIX, TARGETS, TrainConfig, build_llama, make_batches, optimizer, saved_bytes, \
     train_step
 
@@ -289,15 +289,7 @@ def run_preset(cfg: TrainConfig, preset: Preset, dtypes, targets, variants, devi
                progress: bool = True) -> List[Dict]:
     rows = entries(variants, lora)
     combos = [(d, t) for d in dtypes for t in targets]
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(combos) * cfg.steps, desc=f"train {preset.name}", unit="round", file=sys.stderr,
-                       dynamic_ncols=True, leave=False)
-        except ImportError:
-            bar = None
+    bar = progress_bar(len(combos) * cfg.steps, f"train {preset.name}", "round", progress)
     out = []
     try:
         with warnings.catch_warnings():
