@@ -24,6 +24,7 @@ from torch import nn
 
 from . import functional as MF
 from .layer import variant_of_block
+from .model import _target_modules
 
 __all__ = ["export_lora"]
 
@@ -99,12 +100,6 @@ def _svd_pair(layer, block: torch.Tensor, rank: Optional[int], energy: Optional[
         "rel_error_weight": resid / max(w.double().norm().item(), 1e-300),
     }
     return a.to(block.dtype), b.to(block.dtype), report
-
-
-def _target_modules(root: nn.Module, names: list[str]):
-    from .model import _target_modules as pick
-
-    return pick(root, names)
 
 
 def export_lora(
