@@ -78,8 +78,8 @@ _STEP = dict(layers=2, hidden=1024, intermediate=2816, heads=16, vocab=2000, seq
 PRESETS = {
     "step": Preset(
         name="step",
-        about="the users' configuration: bf16 Llama (hidden 1024, 2 layers, 512 tokens), fp32 adapter "
-              "blocks (get_peft_model's default), r = mini_r = 64, all-linear and q/v, autocast off and on",
+        about="the users' configuration: bf16 Llama, fp32 adapter blocks (get_peft_model's default), "
+              "all-linear and q/v, autocast off and on",
         config={**_STEP, **_OPTIM},
     ),
     "large": Preset(
