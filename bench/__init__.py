@@ -9,18 +9,20 @@ Run ``python -m bench --help`` from the repository root. Modules, one job each:
 * :mod:`bench.costmodel`   - docs/MATH.md section 8's flop model (the ideal ratio to the floor);
 * :mod:`bench.accuracy`    - errors against ``miss_ext.reference`` (in float64) and PEFT;
 * :mod:`bench.layer_bench` - the one-layer suite (rows of numbers);
-* :mod:`bench.train_bench` - end-to-end training of a small Llama with PEFT and miss_ext;
-* :mod:`bench.train_preset` - training presets (``--preset metamathqa``): PEFT, inject, patch, LoRA rows;
+* :mod:`bench.train_bench` - a training step on a small Llama built in code (config, model, batches);
+* :mod:`bench.train_preset` - the training benchmark: presets (step, large, metamathqa), the frozen,
+  PEFT, inject, patch and LoRA rows, timed in interleaved rounds;
+* :mod:`bench.train_floor` - the model-level floor rows (frozen step + unavoidable per-layer parts);
+* :mod:`bench.floor`       - the one-layer floor from measured parts (``python -m bench floor``);
+* :mod:`bench.serving_bench` - mixed-adapter serving batches (``python -m bench serve``);
+* :mod:`bench.outputs`     - result paths and comma-list arguments;
+* :mod:`bench.progress`    - the optional progress bar;
 * :mod:`bench.profile`     - per-operator torch.profiler breakdown of a case;
 * :mod:`bench.report`      - aligned text table, CSV and PNG;
 * :mod:`bench.env`         - torch version, device, threads, git commit, date;
 * :mod:`bench.cli`         - the command line (``python -m bench``).
 """
 
-__all__ = ["main"]
+from .cli import main, run
 
-
-def main(argv=None) -> int:
-    from .cli import main as _main
-
-    return _main(argv)
+__all__ = ["main", "run"]

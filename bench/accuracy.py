@@ -24,6 +24,7 @@ from typing import Dict
 
 import torch
 import torch.nn.functional as F
+from miss_ext import reference as R
 
 from .contestants import LayerSetup
 
@@ -44,8 +45,6 @@ def run_module(setup: LayerSetup, module) -> Dict[str, torch.Tensor]:
 
 
 def run_reference(setup: LayerSetup, dtype=torch.float64) -> Dict[str, torch.Tensor]:
-    from miss_ext import reference as R
-
     x = setup.x.detach().to(dtype).requires_grad_(True)
     w = setup.base.weight.detach().to(dtype)
     b = setup.base.bias.detach().to(dtype) if setup.base.bias is not None else None
@@ -87,8 +86,6 @@ def weight_growth(setup: LayerSetup) -> float:
     """BAT: ``||W'|| / ||W||`` in float64, W' the transformed weight; NaN for the other variants."""
     if setup.case.variant != "bat":
         return math.nan
-    from miss_ext import reference as R
-
     w = setup.base.weight.detach().double()
     return (R.bat_transform(w, setup.block.detach().double()).norm() / w.norm()).item()
 

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+from typing import List, Tuple
 
+import miss_ext
 import torch
 
 from . import cases as K
 from . import env, report
-from .train_preset import PRESETS
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _csv_list(text: str) -> list:
-    return [t.strip() for t in text.split(",") if t.strip()]
+from .floor import run_floor
+from .layer_bench import run_suite
+from .outputs import csv_list, output_paths
+from .profile import profile_case
+from .serving_bench import run_serve
+from .train_bench import TRAIN_DEFAULTS, TrainConfig
+from .train_preset import DEFAULT_PRESET, IMPLS, PRESETS, run_preset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,37 +58,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-png", action="store_true", help="do not draw the chart")
     p.add_argument("--no-check", action="store_true", help="skip the error checks (layer mode)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t = p.add_argument_group("train mode (a flag left out takes the preset's value, else the default shown)")
+    t = p.add_argument_group("train mode (a flag left out takes the preset's value; defaults: preset step)")
     t.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="metamathqa: PEFT's MetaMathQA MiSS settings (bf16 Llama, hidden 1024, 512 tokens, fp32 "
-                   "blocks, no autocast, q/v, r = mini_r = 64) with rows for PEFT, miss_ext.inject, "
-                   "miss_ext.peft.patch and PEFT LoRA r=32; the flags below override its sizes")
-    t.add_argument("--autocast", action="store_true",
-                   help="run each step's forward under torch.autocast(bfloat16)")
-    t.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 20)")
-    t.add_argument("--train-warmup", type=int, default=None, help="first steps left out of the times (default 3)")
-    t.add_argument("--layers", type=int, default=None, help="(default 2)")
-    t.add_argument("--hidden", type=int, default=None, help="(default 256)")
-    t.add_argument("--intermediate", type=int, default=None, help="(default 768)")
-    t.add_argument("--heads", type=int, default=None, help="(default 4)")
+                   help="step (default): the users' configuration, bf16 Llama (hidden 1024, intermediate 2816, "
+                   "2 layers, 512 tokens, vocab 2000), fp32 blocks, r = mini_r = 64, all-linear and q/v, autocast "
+                   "off and on; large: the same at hidden 2048, intermediate 5632, 2048 tokens (GEMM-dominated); "
+                   "metamathqa: PEFT's MetaMathQA MiSS settings (q/v, no autocast, every implementation's rows)")
+    t.add_argument("--autocast", nargs="?", const="on", default=None, metavar="off,on",
+                   help="comma list of off and on: each step's forward under torch.autocast(bfloat16) or not; "
+                   "--autocast alone means on (default: the preset's; step: off,on)")
+    t.add_argument("--impls", default=None, help=f"comma list of {','.join(IMPLS)} (default: the preset's; "
+                   "step: peft,inject)")
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps per run (step: 20)")
+    t.add_argument("--train-warmup", type=int, default=None, help="first steps left out of the times (step: 3)")
+    t.add_argument("--layers", type=int, default=None, help="(step: 2)")
+    t.add_argument("--hidden", type=int, default=None, help="(step: 1024)")
+    t.add_argument("--intermediate", type=int, default=None, help="(step: 2816)")
+    t.add_argument("--heads", type=int, default=None, help="(step: 16)")
     t.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: as many as --heads)")
-    t.add_argument("--vocab", type=int, default=None, help="(default 2048)")
-    t.add_argument("--seq", type=int, default=None, help="(default 128)")
-    t.add_argument("--batch", type=int, default=None, help="(default 4)")
-    t.add_argument("--r", type=int, default=None, help="MiSS r (default 16)")
-    t.add_argument("--mini-r", type=int, default=None, help="(default 16)")
-    t.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
-    t.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0.01)")
-    t.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (default: no clipping)")
+    t.add_argument("--vocab", type=int, default=None, help="(step: 2000)")
+    t.add_argument("--seq", type=int, default=None, help="tokens per sequence (step: 512)")
+    t.add_argument("--batch", type=int, default=None, help="(step: 1)")
+    t.add_argument("--r", type=int, default=None, help="MiSS r (step: 64)")
+    t.add_argument("--mini-r", type=int, default=None, help="(step: 64)")
+    t.add_argument("--lr", type=float, default=None, help="AdamW learning rate (step: 1e-4)")
+    t.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (step: 0.1)")
+    t.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (step: 1.0)")
     t.add_argument("--targets", default=None, help="comma list of qv (q_proj,v_proj) and all (every "
-                   "linear but lm_head); default qv,all (a preset: its own, qv)")
-    t.add_argument("--no-lora", action="store_true", help="preset: leave out the PEFT LoRA row")
+                   "linear but lm_head); default: the preset's (step: all,qv)")
+    t.add_argument("--no-lora", action="store_true", help="leave out the PEFT LoRA row")
+    t.add_argument("--no-floor", action="store_true", help="leave out the floor rows (standard, mini)")
     return p
 
 
 def _dtype_specs(args, default) -> list:
     try:
-        return K.parse_dtypes(_csv_list(args.dtypes) if args.dtypes else default)
+        return K.parse_dtypes(csv_list(args.dtypes) if args.dtypes else default)
     except ValueError as e:
         raise SystemExit(f"--dtypes: {e}") from None
 
@@ -102,8 +108,6 @@ def _shapes(args, suite) -> list:
 def _check_device(device: str) -> None:
     dev = torch.device(device)
     if dev.type == "cuda":
-        import miss_ext
-
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: torch sees no CUDA device")
         if not miss_ext.build_info().get("cuda"):
@@ -112,22 +116,11 @@ def _check_device(device: str) -> None:
         raise SystemExit(f"--device {device}: only cpu and cuda are supported")
 
 
-def _outputs(args, kind: str, tag: str):
-    base = f"{kind}-{tag}-{torch.device(args.device).type}-{env.stamp()}"
-    csv_path = Path(args.csv) if args.csv else RESULTS / f"{base}.csv"
-    png_path = None
-    if not args.no_png:
-        png_path = Path(args.png) if args.png else csv_path.with_suffix(".png")
-    return csv_path, png_path
-
-
-def run_layer(args) -> int:
-    from .layer_bench import run_suite
-
+def run_layer(args) -> Tuple[int, List[dict]]:
     suite = K.SUITES[args.suite]
     shapes = _shapes(args, suite)
     dtypes = _dtype_specs(args, suite.dtypes)
-    cases, skipped = K.build_cases(shapes, dtypes, _csv_list(args.variants))
+    cases, skipped = K.build_cases(shapes, dtypes, csv_list(args.variants))
     on_cuda = torch.device(args.device).type == "cuda"
     # GPU rounds are cheap and event timings of sub-millisecond calls jitter: take more of them.
     repeats = args.repeats if args.repeats is not None else suite.repeats * (5 if on_cuda else 1)
@@ -154,7 +147,7 @@ def run_layer(args) -> int:
               "err/frozen <= 2.5 x max(1, ||W'||/||W||) (w_growth in the CSV)")
     if any(c.mixed for c in cases):
         print("# A+B dtype: base weight, x, y and dL/dy in A, adapter blocks in B (for PEFT and miss_ext alike)")
-    csv_path, png_path = _outputs(args, "layer", suite_name)
+    csv_path, png_path = output_paths(args, "layer", suite_name)
     report.write_csv(csv_path, rows, meta)
     print(f"# csv: {csv_path}")
     if png_path is not None:
@@ -162,23 +155,19 @@ def run_layer(args) -> int:
                 f"torch {meta['torch']}, {meta['threads']} threads, {meta['git_commit']}, {meta['date']}"
         out = report.write_png(png_path, rows, title)
         print(f"# png: {out}" if out else "# png: skipped (matplotlib not installed)")
-    args._rows = rows  # for callers that use main() in-process (tests)
-    return 0
+    return 0, rows
 
 
-def train_config(args, preset=None):
-    """TrainConfig from the legacy defaults, then the preset's values, then the flags given."""
-    from .train_bench import TRAIN_DEFAULTS, TrainConfig
-
+def train_config(args, preset) -> TrainConfig:
+    """TrainConfig from the preset's values, then the flags given (autocast is chosen per run)."""
     values = dict(TRAIN_DEFAULTS)
-    if preset is not None:
-        values.update(preset.config)
+    values.update(preset.config)
     flags = dict(layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads,
                  kv_heads=args.kv_heads, vocab=args.vocab, seq=args.seq, batch=args.batch, r=args.r,
                  mini_r=args.mini_r, lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                  steps=args.steps, warmup=args.train_warmup)
     values.update({k: v for k, v in flags.items() if v is not None})
-    values.update(seed=args.seed, autocast=args.autocast)
+    values.update(seed=args.seed, autocast=False)
     if values["steps"] < 1:
         raise SystemExit("--steps must be at least 1")
     if values["hidden"] % values["heads"]:
@@ -189,12 +178,14 @@ def train_config(args, preset=None):
     return TrainConfig(**values)
 
 
-def _train_targets(args, default: str) -> list:
-    targets = _csv_list(args.targets or default)
-    for t in targets:
-        if t not in ("qv", "all"):
-            raise SystemExit(f"--targets: unknown {t!r} (qv, all)")
-    return targets
+def _choices(flag: str, text: str, allowed) -> list:
+    got = csv_list(text)
+    for t in got:
+        if t not in allowed:
+            raise SystemExit(f"{flag}: unknown {t!r} ({', '.join(allowed)})")
+    if not got:
+        raise SystemExit(f"{flag}: empty")
+    return list(dict.fromkeys(got))
 
 
 def _train_dtypes(args, default: str) -> list:
@@ -206,103 +197,87 @@ def _train_dtypes(args, default: str) -> list:
     return [sp.base for sp in specs]
 
 
-def run_train(args) -> int:
-    if args.preset:
-        return run_train_preset(args)
-    from .train_bench import run_train_suite
-
-    dtypes = _train_dtypes(args, "float32")
-    targets = _train_targets(args, "qv,all")
-    cfg = train_config(args)
-    meta = env.collect(args.device)
-    print(f"# miss_ext train bench: device={meta['device_name']} torch={meta['torch']} "
-          f"threads={meta['threads']} commit={meta['git_commit']} {cfg.describe()}", flush=True)
-    rows = run_train_suite(cfg, targets, _csv_list(args.variants), dtypes, args.device,
-                           progress=not args.no_progress)
-    show_peak = meta["device"].startswith("cuda")
-    print(report.train_table(rows, show_peak=show_peak))
-    mem = "peak CUDA memory above the model" if show_peak else "bytes autograd saves for backward (no params)"
-    print(f"# tokens/s: batch*seq / median step time (fwd+bwd+AdamW), after {cfg.warmup} warmup steps, "
-          f"runs interleaved step by step; memory: {mem}")
-    csv_path, _ = _outputs(args, "train", "llama")
-    report.write_csv(csv_path, rows, meta)
-    print(f"# csv: {csv_path}")
-    args._rows = rows
-    return 0 if all(r["loss_ok"] for r in rows) else 1
-
-
-def run_train_preset(args) -> int:
-    from .train_preset import run_preset
-
-    preset = PRESETS[args.preset]
+def run_train(args) -> Tuple[int, List[dict]]:
+    preset = PRESETS[args.preset or DEFAULT_PRESET]
     dtypes = _train_dtypes(args, preset.dtype)
-    targets = _train_targets(args, preset.targets)
+    targets = _choices("--targets", args.targets or preset.targets, ("all", "qv"))
+    autocast = [a == "on" for a in _choices("--autocast", args.autocast or preset.autocast, ("off", "on"))]
+    impls = _choices("--impls", args.impls or preset.impls, IMPLS)
     cfg = train_config(args, preset)
     meta = env.collect(args.device)
     meta.update(preset=preset.name, train_config=cfg.describe())
-    print(f"# miss_ext train bench, preset {preset.name}: {preset.about}; "
-          f"{'forward under torch.autocast(bfloat16)' if cfg.autocast else 'no autocast'}", flush=True)
+    print(f"# miss_ext train bench, preset {preset.name}: {preset.about}", flush=True)
     print(f"# device={meta['device_name']} torch={meta['torch']} threads={meta['threads']} "
           f"commit={meta['git_commit']} peft={meta['peft']} {cfg.describe()}", flush=True)
     try:
-        rows = run_preset(cfg, preset, dtypes, targets, _csv_list(args.variants), args.device,
-                          lora=not args.no_lora, progress=not args.no_progress)
+        rows = run_preset(cfg, preset, dtypes, targets, csv_list(args.variants), args.device,
+                          lora=not args.no_lora, progress=not args.no_progress, autocast=autocast, impls=impls,
+                          floor=not args.no_floor)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    show_peak = meta["device"].startswith("cuda")
-    print(report.preset_table(rows, show_peak=show_peak))
-    mem = "peak CUDA memory above the model during a step" if show_peak else \
-        "bytes autograd saves for backward in one step (parameters left out)"
+    on_cuda = meta["device"].startswith("cuda")
+    print("# x frozen: step time / the frozen model's step time in the same round; /peft: / PEFT's same variant; "
+          "bat/default: / the same implementation's standard MiSS. Each a median over steps of the paired "
+          "ratio: lower is better", flush=True)
+    print(report.preset_table(rows, on_cuda=on_cuda))
+    for key in report.SUMMARIES:
+        print()
+        print(report.summary_table(rows, key))
+    peak = ("torch.cuda.max_memory_allocated during a timed step above what was allocated before it" if on_cuda
+            else "one more step after the timed ones under torch.profiler(profile_memory=True), the running "
+            "maximum of its allocations above the start")
     print(f"# ms: median step time over steps {cfg.warmup + 1}..{cfg.steps}, all rows' steps interleaved "
-          f"round-robin; /peft, bat/default (BAT / the same implementation's standard MiSS) and /lora: "
-          f"median over steps of the paired ratio (below 1 = faster); memory: {mem}")
-    print("# impl: peft = PEFT's MiSS (get_peft_model defaults: fp32 blocks); inject = miss_ext.inject; "
+          f"round-robin; saved for backward: bytes autograd keeps between forward and backward (parameters left "
+          f"out); peak memory of a step: {peak} (the model and AdamW's state "
+          f"exist before it); 'vs frozen': minus the frozen model's")
+    print("# rows: frozen = the same model, every parameter frozen, enable_input_require_grads() (fwd+bwd, no "
+          "optimizer); peft = PEFT's MiSS (get_peft_model defaults: fp32 blocks); inject (ours) = miss_ext.inject; "
           "patch = PEFT's model under miss_ext.peft.patch(); bat = miss_ext's default BAT mode "
           "(bat_precision='base'), bat-promote = PEFT's fp32 promotion; lora = PEFT LoRA "
-          f"r={preset.lora_r} alpha={preset.lora_alpha}")
-    csv_path, _ = _outputs(args, "train", preset.name)
+          f"r={preset.lora_r} alpha={preset.lora_alpha}; floor = the frozen step + the parts each adapted layer "
+          "cannot avoid (bench/train_floor.py)")
+    csv_path, _ = output_paths(args, "train", preset.name, png=False)
     report.write_csv(csv_path, rows, meta)
     print(f"# csv: {csv_path}")
-    args._rows = rows
-    return 0 if all(r["loss_ok"] for r in rows) else 1
+    return (0 if all(r.get("loss_ok") is not False for r in rows) else 1), rows
 
 
-def run_profile(args) -> int:
-    from .profile import profile_case
-
+def run_profile(args) -> Tuple[int, List[dict]]:
     suite = K.SUITES[args.suite]
     shapes = _shapes(args, suite)
     dtypes = _dtype_specs(args, suite.dtypes)
-    cases, _ = K.build_cases(shapes, dtypes, _csv_list(args.variants))
+    cases, _ = K.build_cases(shapes, dtypes, csv_list(args.variants))
     iters = args.repeats if args.repeats is not None else 5
     for case in cases:
         print(profile_case(case, args.device, who=("floor", "peft", "ours"), iters=iters, seed=args.seed,
                            bat_precision=args.bat_precision), flush=True)
-    return 0
+    return 0, []
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> Tuple[int, List[dict]]:
+    """``python -m bench ...`` in-process: (exit status, the rows measured)."""
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     _check_device(args.device)
-    if args.mode != "train" and (args.preset or args.autocast):
-        raise SystemExit("--preset and --autocast belong to the train mode: python -m bench train --preset ...")
+    if args.mode != "train" and (args.preset or args.autocast or args.impls):
+        raise SystemExit("--preset, --autocast and --impls belong to the train mode: "
+                         "python -m bench train --preset ...")
     if args.mode == "train":
         return run_train(args)
     if args.mode == "profile":
         return run_profile(args)
     if args.mode == "floor":
-        from .floor import run_floor
-
         suite = K.SUITES[args.suite]
         return run_floor(args, _shapes(args, suite), _dtype_specs(args, ("bfloat16+float32",)),
-                         _csv_list(args.variants))
+                         csv_list(args.variants)), []
     if args.mode == "serve":
-        from .serving_bench import run_serve
-
         return run_serve(args)
     return run_layer(args)
+
+
+def main(argv=None) -> int:
+    return run(argv)[0]
 
 
 if __name__ == "__main__":

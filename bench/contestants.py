@@ -17,6 +17,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Dict, List
 
+import miss_ext
 import torch
 from torch import nn
 
@@ -89,8 +90,6 @@ def make_peft(setup: LayerSetup) -> nn.Module:
 
 
 def make_ours(setup: LayerSetup, bat_precision: str = "base") -> nn.Module:
-    import miss_ext
-
     c, s = setup.case, setup.case.shape
     m = miss_ext.MissLinear(setup.base, r=s.r, mini_r=s.mini_r, init_weights=INIT_WEIGHTS[c.variant],
                             miss_dropout=0.0, adapter_name="default", bat_precision=bat_precision)

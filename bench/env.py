@@ -8,6 +8,7 @@ import platform
 import subprocess
 from pathlib import Path
 
+import miss_ext
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,15 +66,8 @@ def collect(device) -> dict:
         "peft": _version("peft"),
         "transformers": _version("transformers"),
     }
-    try:
-        import miss_ext
-
-        info["miss_ext"] = miss_ext.__version__
-        b = miss_ext.build_info()
-        info["miss_ext_openmp"] = b.get("openmp", "")
-        info["miss_ext_cuda"] = b.get("cuda", "")
-    except Exception as e:  # pragma: no cover - reported, not fatal
-        info["miss_ext"] = f"import failed: {e}"
+    b = miss_ext.build_info()
+    info.update(miss_ext=miss_ext.__version__, miss_ext_openmp=b.get("openmp", ""), miss_ext_cuda=b.get("cuda", ""))
     return info
 
 

@@ -79,7 +79,9 @@ def _parts(case: K.Case, setup) -> Dict[str, Callable[[], object]]:
     return parts
 
 
-def _product(t_fp32: float, flops: float, pieces: int, bf16_rate: float) -> float:
+def product_time(t_fp32: float, flops: float, pieces: int, bf16_rate: float) -> float:
+    """An fp32-accurate product: aten's fp32 GEMM, or ``pieces`` bf16 GEMMs of its flops at
+    ``bf16_rate`` (flops per ms), whichever is cheaper (docs/MATH.md section 11.3)."""
     return min(t_fp32, pieces * flops / bf16_rate)
 
 
@@ -94,8 +96,8 @@ def floor_of(case: K.Case, t: Dict[str, float]) -> Dict[str, float]:
     rate = 2.0 * n * fin * fout / t["fl_fwd"]  # flops per ms of the frozen bf16 GEMM
     if case.variant == "standard":
         small = 2.0 * n * r * fout
-        fwd = t["fl_fwd"] + _read(t, "x") + _product(t["fp32_fwd"], small, 6, rate) + t["pass_out"]
-        bwd = (t["fl_bwd"] + _product(t["fp32_ds"], small, 2, rate) + _product(t["fp32_dd"], small, 3, rate)
+        fwd = t["fl_fwd"] + _read(t, "x") + product_time(t["fp32_fwd"], small, 6, rate) + t["pass_out"]
+        bwd = (t["fl_bwd"] + product_time(t["fp32_ds"], small, 2, rate) + product_time(t["fp32_dd"], small, 3, rate)
                + t["pass_in"])
     elif case.variant == "mini":  # the products are N x r x mini_r: negligible
         fwd = t["fl_fwd"] + _read(t, "x") + t["pass_out"]

@@ -280,6 +280,12 @@ bench_args=(--device cuda --no-progress --csv "$LOGS/bench.csv" --png "$LOGS/ben
 if ! run_step "bench" 200 "$LOGS/bench.log" "$PY" -m bench "${bench_args[@]}"; then
   log "the benchmark did not complete; see $LOGS/bench.log (not counted as a failure)"
 fi
+# Model level: the step preset (bf16 Llama, fp32 blocks, all-linear and q/v, autocast off and on),
+# every row x the frozen model's step, with the floor rows; 8 steps, 3 untimed, to stay near a minute.
+train_args=(train --device cuda --steps 8 --train-warmup 3 --no-progress --csv "$LOGS/train_step.csv")
+if ! run_step "bench train step" 90 "$LOGS/train_step.log" "$PY" -m bench "${train_args[@]}"; then
+  log "the model-level step table did not complete; see $LOGS/train_step.log (not counted as a failure)"
+fi
 llm_args=(--device cuda --suite llm --dtypes bfloat16 --no-progress --no-png --csv "$LOGS/bench_llm.csv")
 if ! run_step "bench llm bf16" 150 "$LOGS/bench_llm.log" "$PY" -m bench "${llm_args[@]}"; then
   log "the LLM-shape benchmark did not complete; see $LOGS/bench_llm.log (not counted as a failure)"

@@ -7,7 +7,10 @@ storage, so storages, not views, are counted, each once). Storages of tensors pa
 that the floor keeps too) are counted apart, in ``excluded_bytes``.
 
 On CUDA, ``cuda_peak`` measures ``torch.cuda.max_memory_allocated`` above the memory allocated
-when it starts. (On CPU there is no allocator statistic that sees torch; tracemalloc does not.)
+when it starts. On CPU no allocator statistic sees torch (tracemalloc does not); ``cpu_peak_bytes``
+runs a function once under ``torch.profiler`` with ``profile_memory=True`` and takes the running
+maximum of the allocations and frees it records (every thread's, in time order): the peak above
+the start. The profiler slows the call, so it is never a timed one.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from contextlib import contextmanager
 from typing import Iterable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 
 def storage_key(t: torch.Tensor):
@@ -91,5 +95,17 @@ def cuda_peak(device):
         res["peak_bytes"] = torch.cuda.max_memory_allocated(dev) - start
 
 
-def mib(nbytes: float) -> float:
-    return nbytes / 2**20
+def cpu_peak_bytes(fn) -> float:
+    """Peak of torch's CPU allocations above the start while ``fn()`` runs; NaN when this torch's
+    profiler does not expose its memory events (they are read through a private attribute)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        now = peak = 0
+        for e in sorted(events, key=lambda e: e.start_ns()):
+            now += e.nbytes()
+            peak = max(peak, now)
+    except AttributeError:
+        return float("nan")
+    return float(peak)

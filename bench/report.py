@@ -119,55 +119,98 @@ def layer_table(rows: List[dict], show_peak: bool = False) -> str:
     return format_table(layer_columns(show_peak), rows)
 
 
-def train_columns(show_peak: bool = False, steps: int | str = "N") -> List[Column]:
-    mem = "peak memory" if show_peak else "saved for bwd"
-    key = "peak_bytes" if show_peak else "saved_bytes"
+def _loss_ok(r: dict) -> str:
+    ok = r.get("loss_ok")
+    return "-" if ok in (None, "") else ("yes" if ok else "NO")
+
+
+def preset_columns(on_cuda: bool = False, steps: int | str = "N") -> List[Column]:
+    """One training configuration's rows (frozen, implementations, LoRA, floor). The peak is
+    CUDA's allocator statistic ``on_cuda``, else the profiler's (CPU)."""
+    peak = "peak memory of a step" + ("" if on_cuda else " (profiler)")
     return [
-        ("case", "targets", lambda r: r["targets"]),
-        ("case", "variant", lambda r: r["variant"]),
-        ("case", "dtype", lambda r: r["dtype"]),
-        ("tokens/s", "peft", lambda r: _num(r["peft_tokens_per_s"], ".0f")),
-        ("tokens/s", "ours", lambda r: _num(r["ours_tokens_per_s"], ".0f")),
-        ("tokens/s", "speedup", lambda r: _num(r["ours_speedup_vs_peft"], ".2f")),
-        (mem, "peft", lambda r: _bytes(r[f"peft_{key}"])),
-        (mem, "ours", lambda r: _bytes(r[f"ours_{key}"])),
-        (f"loss after {steps} steps", "peft", lambda r: _num(r["peft_loss"], ".6f")),
-        (f"loss after {steps} steps", "ours", lambda r: _num(r["ours_loss"], ".6f")),
-        ("loss agreement", "max |diff|", lambda r: _num(r["loss_max_abs_diff"], ".1e")),
-        ("loss agreement", "ok", lambda r: "yes" if r["loss_ok"] else "NO"),
-    ]
-
-
-def train_table(rows: List[dict], show_peak: bool = False) -> str:
-    steps = rows[0]["steps"] if rows else "N"
-    return format_table(train_columns(show_peak, steps), rows)
-
-
-def preset_columns(show_peak: bool = False, steps: int | str = "N") -> List[Column]:
-    mem = "peak memory" if show_peak else "saved for bwd"
-    key = "peak_bytes" if show_peak else "saved_bytes"
-    return [
-        ("case", "targets", lambda r: r["targets"]),
-        ("case", "dtype", lambda r: r["dtype"]),
-        ("case", "autocast", lambda r: "bf16" if r["autocast"] else "no"),
-        ("case", "impl", lambda r: r["impl"]),
-        ("case", "variant", lambda r: r["variant"]),
+        ("row", "impl", lambda r: r["impl"]),
+        ("row", "variant", lambda r: r["variant"]),
         ("step (fwd+bwd+AdamW)", "ms", lambda r: _ms(r["step_ms"])),
         ("step (fwd+bwd+AdamW)", "tokens/s", lambda r: _num(r["tokens_per_s"], ".0f")),
-        ("step (fwd+bwd+AdamW)", "/peft", lambda r: _num(r["vs_peft"], ".2f")),
-        ("step (fwd+bwd+AdamW)", "bat/default", lambda r: _num(r["bat_vs_default"], ".2f")),
-        ("step (fwd+bwd+AdamW)", "/lora", lambda r: _num(r["vs_lora"], ".2f")),
-        (mem, "bytes", lambda r: _bytes(r[key])),
-        (f"loss after {steps} steps", "loss", lambda r: _num(r["loss"], ".6f")),
-        ("loss vs peft (same variant)", "max |diff|", lambda r: _num(r["loss_max_abs_diff"], ".1e")),
-        ("loss vs peft (same variant)", "tol", lambda r: _num(r["loss_tol"], ".1e")),
-        ("loss vs peft (same variant)", "ok", lambda r: "yes" if r["loss_ok"] else "NO"),
+        ("step (fwd+bwd+AdamW)", "x frozen", lambda r: _num(r.get("x_frozen"), ".2f")),
+        ("step (fwd+bwd+AdamW)", "/peft", lambda r: _num(r.get("vs_peft"), ".2f")),
+        ("step (fwd+bwd+AdamW)", "bat/default", lambda r: _num(r.get("bat_vs_default"), ".2f")),
+        ("saved for backward", "bytes", lambda r: _bytes(r.get("saved_bytes"))),
+        ("saved for backward", "vs frozen", lambda r: _signed_bytes(r.get("saved_vs_frozen"))),
+        (peak, "bytes", lambda r: _bytes(r.get("peak_bytes"))),
+        (peak, "vs frozen", lambda r: _signed_bytes(r.get("peak_vs_frozen"))),
+        (f"loss after {steps} steps", "loss", lambda r: _num(r.get("loss"), ".6f")),
+        ("loss vs peft (same variant)", "max |diff|", lambda r: _num(r.get("loss_max_abs_diff"), ".1e")),
+        ("loss vs peft (same variant)", "tol", lambda r: _num(r.get("loss_tol"), ".1e")),
+        ("loss vs peft (same variant)", "ok", _loss_ok),
     ]
 
 
-def preset_table(rows: List[dict], show_peak: bool = False) -> str:
-    steps = rows[0]["steps"] if rows else "N"
-    return format_table(preset_columns(show_peak, steps), rows)
+def _signed_bytes(v) -> str:
+    text = _bytes(v)
+    return text if text in ("-", "0") or text.startswith("-") else "+" + text
+
+
+def config_key(r: dict) -> tuple:
+    return (r["dtype"], r["targets"], bool(r["autocast"]) if not isinstance(r["autocast"], str)
+            else r["autocast"] == "True")
+
+
+def config_title(key: tuple) -> str:
+    dtype, targets, autocast = key
+    what = {"all": "all-linear", "qv": "q_proj,v_proj"}.get(targets, targets)
+    return f"== {dtype} model, MiSS on {what}, {'autocast(bf16)' if autocast else 'no autocast'}"
+
+
+def group_by_config(rows: List[dict]) -> dict:
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(config_key(r), []).append(r)
+    return groups
+
+
+def preset_table(rows: List[dict], on_cuda: bool = False) -> str:
+    """A table per (dtype, targets, autocast), under a title line."""
+    steps = next((r["steps"] for r in rows if "steps" in r), "N")
+    cols = preset_columns(on_cuda, steps)
+    return "\n\n".join(f"{config_title(k)}\n{format_table(cols, g)}" for k, g in group_by_config(rows).items())
+
+
+def _short(r: dict) -> str:
+    impl = {"inject": "ours", "patch": "patch"}.get(r["impl"], r["impl"])
+    variant = {"standard": "default", "bat-promote": "bat-pr", "lora": "lora-r" + str(r.get("r", ""))}.get(
+        r["variant"], r["variant"])
+    return f"{impl} {variant}"
+
+
+SUMMARIES = {
+    # key: (column group title, cell format, rows left out)
+    "x_frozen": ("x frozen, lower is better", lambda v: _num(v, ".2f"), ("frozen",)),
+    "vs_peft": ("ours / PEFT (same variant), lower is better", lambda v: _num(v, ".2f"), ("frozen", "peft", "floor")),
+    "peak_vs_frozen": ("peak memory of a step minus the frozen model's", _signed_bytes, ("frozen", "floor")),
+}
+
+
+def summary_table(rows: List[dict], key: str = "x_frozen") -> str:
+    """One line per configuration, one number (``key``) per row: the issue's table."""
+    title, cell, skip = SUMMARIES[key]
+    groups = group_by_config(rows)
+    labels: List[str] = []
+    for g in groups.values():
+        for r in g:
+            if r["impl"] not in skip and _short(r) not in labels:
+                labels.append(_short(r))
+    cols: List[Column] = [
+        ("configuration", "dtype", lambda k: k[0][0]),
+        ("configuration", "targets", lambda k: k[0][1]),
+        ("configuration", "autocast", lambda k: "on" if k[0][2] else "off"),
+        ("configuration", "frozen ms", lambda k: _ms(next((r["step_ms"] for r in k[1] if r["impl"] == "frozen"),
+                                                          math.nan))),
+    ]
+    for lab in labels:
+        cols.append((title, lab, lambda k, lab=lab: cell(next((r.get(key) for r in k[1] if _short(r) == lab), None))))
+    return format_table(cols, list(groups.items()))
 
 
 def write_csv(path, rows: List[dict], meta: dict) -> Path:

@@ -18,13 +18,17 @@ timed too.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import List
 
+import miss_ext
 import torch
 from torch import nn
 
 from . import env, report, timing
+from .cases import parse_dtypes
+from .outputs import csv_list, output_paths
 
 DEFAULT = dict(seqs=8, tokens=1024, in_f=2048, out_f=2048, r=64)
 SMOKE = dict(seqs=4, tokens=64, in_f=128, out_f=128, r=16)
@@ -51,8 +55,6 @@ class ServeCase:
 
 
 def _contestants(case: ServeCase, device, seed: int):
-    import miss_ext
-
     torch.manual_seed(seed)
     dt = case.dtype
     base = nn.Linear(case.in_f, case.out_f).to(device=device, dtype=dt)
@@ -124,8 +126,6 @@ def _contestants(case: ServeCase, device, seed: int):
 
         out.append(run(peft))
     if bat is not None:
-        import copy
-
         bat_cached = copy.deepcopy(bat)
         miss_ext.cache_bat_weights(bat_cached)  # fills on its first (warmup) call
 
@@ -185,14 +185,11 @@ def table(rows: List[dict]) -> str:
 
 
 def run_serve(args) -> int:
-    from .cases import parse_dtypes
-    from .cli import _csv_list, _outputs
-
     dims = dict(SMOKE if args.suite == "smoke" else DEFAULT)
     if args.shape:
         parts = [int(v) for v in args.shape[0].split(",")]
         dims.update(tokens=parts[0], in_f=parts[1], out_f=parts[2], r=parts[3])
-    dtypes = parse_dtypes(_csv_list(args.dtypes) if args.dtypes else ["float32"])
+    dtypes = parse_dtypes(csv_list(args.dtypes) if args.dtypes else ["float32"])
     smoke = args.suite == "smoke"
     repeats = args.repeats if args.repeats is not None else (2 if smoke else 10)
     warmup = args.warmup if args.warmup is not None else (1 if smoke else 2)
@@ -219,9 +216,7 @@ def run_serve(args) -> int:
     print("# wall: paired median ratios of forward times with the requested threads; cpu1: the same with "
           "thread CPU time and one thread (steadier on a loaded machine). targets: mixed/single <= 1.15, "
           "mixed/peft < 1")
-    args.no_png = True
-    csv_path, _ = _outputs(args, "serve", args.suite)
+    csv_path, _ = output_paths(args, "serve", args.suite, png=False)
     report.write_csv(csv_path, rows, meta)
     print(f"# csv: {csv_path}")
-    args._rows = rows
-    return 0
+    return 0, rows

@@ -1,27 +1,19 @@
-"""End-to-end training: a small Llama built in code (``transformers.LlamaConfig``, no downloads),
-MiSS on q/v or on every linear but ``lm_head``, trained with PEFT (``get_peft_model`` +
-``MissConfig``) and with miss_ext (the same ``nn.Linear`` modules wrapped in
-``miss_ext.MissLinear``), from the same weights and the same batches, steps interleaved.
-
-Reports tokens/s, memory (CUDA peak, or on CPU the bytes autograd saves for backward) and the
-losses of both after N steps, which must agree closely.
+"""The pieces of a training step on a small Llama built in code (``transformers.LlamaConfig``, no
+downloads): the configuration, the model, the batches, one step (forward + backward + AdamW, the
+forward under autocast when asked) and the bytes autograd saves for backward. The rows that use
+them are in :mod:`bench.train_preset`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import math
-import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
 
-from . import memory, timing
-from .cases import INIT_WEIGHTS
-from .progress import progress_bar
+from . import memory
 
 TARGETS = {
     "qv": ("q_proj", "v_proj"),
@@ -77,46 +69,6 @@ def build_llama(cfg: TrainConfig, dtype, device) -> nn.Module:
     return LlamaForCausalLM(conf).to(device=device, dtype=dtype)
 
 
-def inject_miss_ext(model: nn.Module, names, r: int, mini_r: int, init_weights) -> List[str]:
-    """Replaces every ``nn.Linear`` child called one of ``names`` by ``miss_ext.MissLinear``
-    around it; freezes everything else. Returns the qualified names replaced."""
-    import miss_ext
-
-    model.requires_grad_(False)
-    done = []
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if child_name in names and isinstance(child, nn.Linear):
-                setattr(parent, child_name, miss_ext.MissLinear(
-                    child, r=r, mini_r=mini_r, init_weights=init_weights, miss_dropout=0.0))
-                done.append(f"{parent_name}.{child_name}" if parent_name else child_name)
-    return done
-
-
-def build_pair(cfg: TrainConfig, targets: str, variant: str, dtype, device):
-    """(peft_model, ours_model) from one base model; ours' blocks get PEFT's initial values and
-    dtype (PEFT keeps adapters in float32 for half-precision models)."""
-    from peft import MissConfig, get_peft_model
-
-    base = build_llama(cfg, dtype, device)
-    ours = copy.deepcopy(base)
-    names = TARGETS[targets]
-    pcfg = MissConfig(r=cfg.r, mini_r=cfg.mini_r, init_weights=INIT_WEIGHTS[variant], miss_dropout=0.0,
-                      target_modules=list(names))
-    peft_model = get_peft_model(base, pcfg)
-    inject_miss_ext(ours, names, cfg.r, cfg.mini_r, INIT_WEIGHTS[variant])
-    p_params = {n[len(PEFT_PREFIX):] if n.startswith(PEFT_PREFIX) else n: p
-                for n, p in peft_model.named_parameters() if p.requires_grad}
-    o_params = {n: p for n, p in ours.named_parameters() if p.requires_grad}
-    if set(p_params) != set(o_params):
-        missing = sorted(set(p_params) ^ set(o_params))[:6]
-        raise RuntimeError(f"trainable parameters differ between PEFT and miss_ext: {missing} ...")
-    with torch.no_grad():
-        for n, p in o_params.items():
-            p.data = p_params[n].detach().clone()
-    return peft_model.train(), ours.train(), sorted(o_params), p_params, o_params
-
-
 def make_batches(cfg: TrainConfig, device) -> List[torch.Tensor]:
     g = torch.Generator().manual_seed(cfg.seed + 1)
     return [torch.randint(cfg.vocab, (cfg.batch, cfg.seq), generator=g).to(device)
@@ -140,9 +92,12 @@ def optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def train_step(model, ids, opt, params, cfg: TrainConfig) -> torch.Tensor:
-    """One step: forward (under autocast if asked), backward, optional clipping, AdamW."""
+    """One step: forward (under autocast if asked), backward, optional clipping, AdamW. ``opt``
+    None (the frozen model: nothing to train) runs forward and backward only."""
     loss = _loss(model, ids, cfg)
     loss.backward()
+    if opt is None:
+        return loss
     if cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
@@ -157,73 +112,3 @@ def saved_bytes(model, ids, cfg: Optional[TrainConfig] = None) -> int:
     loss.backward()
     model.zero_grad(set_to_none=True)
     return meter.saved_bytes
-
-
-def loss_tolerance(dtype) -> float:
-    return 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
-
-
-def train_case(cfg: TrainConfig, targets: str, variant: str, dtype, device, bar=None) -> Dict:
-    peft_model, ours, names, p_params, o_params = build_pair(cfg, targets, variant, dtype, device)
-    models = {"peft": peft_model, "ours": ours}
-    params = {"peft": [p_params[n] for n in names], "ours": [o_params[n] for n in names]}
-    opts = {k: optimizer(v, cfg) for k, v in params.items()}
-    batches = make_batches(cfg, device)
-    row = {"targets": targets, "variant": variant, "dtype": str(dtype).replace("torch.", ""), "autocast": cfg.autocast,
-           "adapted_layers": sum(1 for n in names), "trainable_params": sum(p.numel() for p in o_params.values()),
-           "steps": cfg.steps, "batch": cfg.batch, "seq": cfg.seq, "r": cfg.r,
-           "mini_r": cfg.mini_r if variant == "mini" else ""}
-    for k, m in models.items():
-        row[f"{k}_saved_bytes"] = saved_bytes(m, batches[0], cfg)
-    clock = timing.clock_for(device)
-    times = {k: [] for k in models}
-    losses = {k: [] for k in models}
-    peaks = {k: [] for k in models}
-    with timing.no_gc():
-        for step in range(cfg.steps):
-            ids = batches[step % len(batches)]
-            for k, m in models.items():
-                with memory.cuda_peak(device) as peak:
-                    clock.sync()
-                    t0 = clock.mark()
-                    loss = train_step(m, ids, opts[k], params[k], cfg)
-                    t1 = clock.mark()
-                    clock.sync()
-                losses[k].append(float(loss.detach().float().item()))
-                if step >= cfg.warmup or cfg.steps <= cfg.warmup:
-                    times[k].append(clock.elapsed_ms(t0, t1))
-                    peaks[k].append(peak["peak_bytes"])
-            if bar is not None:
-                bar.update(1)
-    tokens = cfg.batch * cfg.seq
-    for k in models:
-        ms = timing.median(times[k])
-        row[f"{k}_step_ms"] = ms
-        row[f"{k}_tokens_per_s"] = tokens / (ms / 1e3) if ms > 0 else math.nan
-        row[f"{k}_peak_bytes"] = max(peaks[k]) if peaks[k] else math.nan
-        row[f"{k}_first_loss"] = losses[k][0]
-        row[f"{k}_loss"] = losses[k][-1]
-    row["ours_speedup_vs_peft"] = timing.paired_ratio(times["peft"], times["ours"])  # >1: ours faster
-    diffs = [abs(a - b) for a, b in zip(losses["peft"], losses["ours"])]
-    row["loss_max_abs_diff"] = max(diffs) if diffs else math.nan
-    row["loss_ok"] = bool(diffs) and all(math.isfinite(d) for d in diffs) and \
-        max(diffs) <= loss_tolerance(torch.bfloat16 if cfg.autocast else dtype) * max(1.0, abs(losses["peft"][-1]))
-    return row
-
-
-def run_train_suite(cfg: TrainConfig, targets, variants, dtypes, device="cpu", progress: bool = True) -> List[Dict]:
-    combos = [(t, v, d) for d in dtypes for t in targets for v in variants]
-    bar = progress_bar(len(combos) * cfg.steps, "train bench", "step", progress)
-    rows = []
-    try:
-        with warnings.catch_warnings():
-            # transformers deprecation chatter triggered inside PEFT, not ours to fix here
-            warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
-            for t, v, d in combos:
-                if bar is not None:
-                    bar.set_postfix_str(f"{t}/{v}/{str(d).replace('torch.', '')}")
-                rows.append(train_case(cfg, t, v, d, device, bar))
-    finally:
-        if bar is not None:
-            bar.close()
-    return rows

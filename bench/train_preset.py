@@ -1,39 +1,51 @@
-"""Training presets (``python -m bench train --preset NAME``): one model and one set of training
-settings, every implementation of MiSS on it, side by side.
+"""Training presets (``python -m bench train [--preset NAME]``): one model and one set of training
+settings, every implementation of MiSS on it and the same model frozen, side by side, timed step
+by step in interleaved rounds.
 
-``metamathqa`` follows PEFT's published MiSS benchmark (method_comparison/MetaMathQA in PEFT:
-Llama-3.2-3B in bfloat16, no autocast, MiSS on q_proj/v_proj with r = mini_r = 64, AdamW with
-lr 1e-4 and weight decay 0.1, gradient norm clipped at 1.0) on a Llama built in code. Its sizes
-(hidden 1024, intermediate 2816, 16 heads, 2 layers, vocabulary 4096, 512 tokens, batch 1) keep a
-step well under a second on 2 CPU cores while matrix products dominate it: a step is about 65
-GFLOP of them (forward ~33: 2 layers x (4 attention projections 4.3 + MLP 8.9 + attention 1.1) +
-lm_head 4.3; the backward to the activations about as much again). On one core of an AMX Xeon a
-step takes about 0.25 s of CPU time, two thirds of it in GEMMs (39%) and attention (25%); the
-256-wide default of ``python -m bench train`` measures Python overhead instead. The cosine schedule and the 768-token, batch-4 batches of the original are left out:
-over a few steps a schedule is a constant, and a batch of 512 tokens already keeps every GEMM
-large.
+Presets (a Llama built in code from a config, no downloads; bf16 weights; the adapters as
+``get_peft_model`` makes them, fp32 blocks; r = mini_r = 64):
 
-Rows (one training run each, all from the same initial weights, on the same batches, with their
-steps interleaved round-robin so machine noise hits all alike):
+* ``step`` (the default): what users run. Hidden 1024, intermediate 2816, 16 heads, 2 layers,
+  vocabulary 2000, 512 tokens (batch 1); MiSS on every linear but lm_head (``all``) and on
+  q_proj/v_proj (``qv``), each without and with ``torch.autocast(bfloat16)`` (what
+  ``Trainer(bf16=True)`` adds); AdamW lr 1e-4, wd 0.1, gradient norm clipped at 1.0.
+* ``large``: the same at a size where GEMMs dominate the step: hidden 2048, intermediate 5632,
+  2048 tokens.
+* ``metamathqa``: PEFT's published MiSS benchmark (method_comparison/MetaMathQA in PEFT:
+  Llama-3.2-3B in bfloat16, no autocast, q_proj/v_proj, r = mini_r = 64, AdamW lr 1e-4, wd 0.1,
+  clip 1.0) at ``step``'s sizes (vocabulary 4096), with every implementation's rows. A step is
+  about 65 GFLOP of matrix products; the cosine schedule and the 768-token, batch-4 batches of
+  the original are left out: over a few steps a schedule is a constant, and 512 tokens already
+  keep every GEMM large.
 
-* ``peft``:   PEFT's MiSS (``get_peft_model`` defaults: fp32 blocks on the bf16 model), for the
-  standard ("default"), mini and bat variants;
+Rows (one training run each, all from the same initial weights, on the same batches):
+
+* ``frozen``: the same model with every parameter frozen and ``enable_input_require_grads()``,
+  so backward still runs through every layer (forward + backward; no optimizer: nothing to
+  train). Every other row's ``x frozen`` is its step time over this row's, in the same round;
+* ``peft``:   PEFT's MiSS (``get_peft_model`` defaults), for standard ("default"), mini and bat;
 * ``inject``: ``miss_ext.inject`` on the same model, for the same variants; BAT in its default
   mode (``bat_precision="base"``) and in PEFT's fp32 promotion (``bat-promote``);
-* ``patch``:  PEFT's model under ``miss_ext.peft.patch(bat_precision=...)``, the same four rows;
-* ``peft lora-r32``: PEFT's LoRA (r=32, lora_alpha=64, q_proj/v_proj), the method users pick
-  instead (PEFT's own MetaMathQA comparison runs it at these settings).
+* ``patch``:  PEFT's model under ``miss_ext.peft.patch(bat_precision=...)``, the same rows
+  (``--impls``; in the default only for ``metamathqa``);
+* ``lora``: PEFT's LoRA (r=32, lora_alpha=64) on the same targets, the method users pick instead.
+
+After each configuration's rows, :mod:`bench.train_floor` adds the floor rows for standard and
+mini MiSS (the frozen step plus the work no implementation can avoid).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+import miss_ext
+import miss_ext.peft as mp
 import torch
 from torch import nn
 
@@ -42,8 +54,9 @@ from .cases import INIT_WEIGHTS, dtype_str
 from .progress import progress_bar
 from .train_bench import PEFT_PREFIX, TARGETS, TrainConfig, build_llama, make_batches, optimizer, saved_bytes, \
     train_step
+from .train_floor import FLOOR_VARIANTS, floor_rows
 
-IMPLS = ("peft", "inject", "patch")
+IMPLS = ("peft", "inject", "patch")  # the implementations of MiSS a preset can run, in table order
 
 
 @dataclass(frozen=True)
@@ -52,28 +65,45 @@ class Preset:
     about: str
     config: dict  # TrainConfig fields; command-line flags override them
     dtype: str = "bfloat16"
-    targets: str = "qv"
+    targets: str = "all,qv"  # comma lists, as the flags take them
+    autocast: str = "off,on"
+    impls: str = "peft,inject"
     lora_r: int = 32
     lora_alpha: int = 64
 
 
+_OPTIM = dict(lr=1e-4, weight_decay=0.1, grad_clip=1.0, steps=20, warmup=3)
+_STEP = dict(layers=2, hidden=1024, intermediate=2816, heads=16, vocab=2000, seq=512, batch=1, r=64, mini_r=64)
+
 PRESETS = {
+    "step": Preset(
+        name="step",
+        about="the users' configuration: bf16 Llama, fp32 adapter blocks (get_peft_model's default), "
+              "all-linear and q/v, autocast off and on",
+        config={**_STEP, **_OPTIM},
+    ),
+    "large": Preset(
+        name="large",
+        about="the step preset where GEMMs dominate: hidden 2048, intermediate 5632, 2048 tokens",
+        config={**_STEP, **_OPTIM, "hidden": 2048, "intermediate": 5632, "seq": 2048, "steps": 10, "warmup": 2},
+    ),
     "metamathqa": Preset(
         name="metamathqa",
         about="PEFT's MetaMathQA MiSS settings (bf16 model, fp32 adapter blocks, q_proj/v_proj, "
               "r = mini_r = 64, AdamW lr 1e-4 wd 0.1, clip 1.0) on a Llama built in code",
-        config=dict(layers=2, hidden=1024, intermediate=2816, heads=16, vocab=4096, seq=512,
-                    batch=1, r=64, mini_r=64, lr=1e-4, weight_decay=0.1, grad_clip=1.0, steps=20, warmup=3),
+        config={**_STEP, **_OPTIM, "vocab": 4096},
+        targets="qv", autocast="off", impls="peft,inject,patch",
     ),
 }
+DEFAULT_PRESET = "step"
 
 
 @dataclass(frozen=True)
 class Entry:
     """One row: an implementation and a variant (``lora`` for PEFT's LoRA)."""
 
-    impl: str  # peft, inject, patch
-    variant: str  # standard, mini, bat, lora
+    impl: str  # frozen, peft, inject, patch
+    variant: str  # frozen, standard, mini, bat, lora
     bat_precision: str = ""  # miss_ext's BAT mode (inject/patch bat rows): base or promote
 
     @property
@@ -89,7 +119,7 @@ class Entry:
     @property
     def peer(self) -> Optional[str]:
         """The PEFT row this one is compared with (same variant), None for PEFT's own rows."""
-        if self.impl == "peft":
+        if self.impl in ("frozen", "peft"):
             return None
         return f"peft/{self.variant}"
 
@@ -105,14 +135,19 @@ class Entry:
         return self.variant in ("standard", "mini") or (self.bat_precision == "promote" and not autocast)
 
 
-def entries(variants=("standard", "mini", "bat"), lora: bool = True) -> List[Entry]:
-    """The rows, in table order: PEFT's, inject's, patch's (same variants), then LoRA."""
+def entries(variants=("standard", "mini", "bat"), lora: bool = True, impls=IMPLS, frozen: bool = True) -> List[Entry]:
+    """The rows, in table order: the frozen model, PEFT's, inject's, patch's (same variants), then LoRA."""
     for v in variants:
         if v not in INIT_WEIGHTS:
             raise ValueError(f"unknown variant {v!r}; choose from {tuple(INIT_WEIGHTS)}")
+    for i in impls:
+        if i not in IMPLS:
+            raise ValueError(f"unknown implementation {i!r}; choose from {IMPLS}")
     variants = [v for v in INIT_WEIGHTS if v in variants]  # standard, mini, bat order
-    rows = [Entry("peft", v) for v in variants]
-    for impl in ("inject", "patch"):
+    rows = [Entry("frozen", "frozen")] if frozen else []
+    if "peft" in impls:
+        rows += [Entry("peft", v) for v in variants]
+    for impl in (i for i in IMPLS[1:] if i in impls):
         for v in variants:
             rows.append(Entry(impl, v, "base" if v == "bat" else ""))
             if v == "bat":
@@ -144,7 +179,7 @@ class Contestant:
     entry: Entry
     model: nn.Module
     params: List[torch.Tensor]
-    opt: torch.optim.Optimizer
+    opt: Optional[torch.optim.Optimizer]  # None for the frozen model
     times: List[float] = field(default_factory=list)
     losses: List[float] = field(default_factory=list)
     peaks: List[float] = field(default_factory=list)
@@ -153,8 +188,6 @@ class Contestant:
         """PEFT's class patched for this row's steps only (PEFT's own rows run unpatched)."""
         if self.entry.impl != "patch":
             return contextlib.nullcontext()
-        import miss_ext.peft as mp
-
         return mp.patched(bat_precision=self.entry.bat_precision or "base")
 
 
@@ -164,10 +197,15 @@ def _trainable(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def build_model(entry: Entry, base: nn.Module, cfg: TrainConfig, preset: Preset, targets: str) -> nn.Module:
-    import miss_ext
     from peft import LoraConfig, MissConfig, get_peft_model
 
     model = copy.deepcopy(base)
+    if entry.impl == "frozen":
+        model.requires_grad_(False)
+        # Without a leaf that needs grad the loss would have no graph: the embeddings' output
+        # requires grad instead, as for gradient checkpointing, so backward runs every layer.
+        model.enable_input_require_grads()
+        return model.train()
     names = list(TARGETS[targets])
     if entry.variant == "lora":
         torch.manual_seed(cfg.seed + 2)  # LoRA's A is random: the same A on every run
@@ -200,19 +238,17 @@ def build_contestants(cfg: TrainConfig, preset: Preset, rows: List[Entry], dtype
     for e in rows:
         models[e.key] = build_model(e, base, cfg, preset, targets)
     for e in rows:
-        if e.peer is not None:
+        if e.peer in models:
             copy_blocks(models[e.key], models[e.peer], e.key)
     out = []
     for e in rows:
         params = list(_trainable(models[e.key]).values())
-        out.append(Contestant(e, models[e.key], params, optimizer(params, cfg)))
+        out.append(Contestant(e, models[e.key], params, optimizer(params, cfg) if params else None))
     return out
 
 
 def run_preset_case(cfg: TrainConfig, preset: Preset, rows: List[Entry], dtype, targets: str, device,
                     bar=None) -> List[Dict]:
-    import miss_ext.peft as mp
-
     if mp.is_patched():
         raise RuntimeError("miss_ext.peft is patched globally; the PEFT rows must run PEFT's own code. "
                            "Call miss_ext.peft.unpatch() first")
@@ -242,6 +278,12 @@ def run_preset_case(cfg: TrainConfig, preset: Preset, rows: List[Entry], dtype, 
                     c.peaks.append(peak["peak_bytes"])
             if bar is not None:
                 bar.update(1)
+    if torch.device(device).type == "cpu":
+        # One more step per row, profiled, after the timed ones (so the losses compared are
+        # untouched): every row takes it, on the same batch, with its optimizer state in place.
+        for c in contestants:
+            with c.context():
+                c.peaks = [memory.cpu_peak_bytes(lambda: train_step(c.model, batches[0], c.opt, c.params, cfg))]
     return summarize(contestants, saved, cfg, preset, dtype, targets)
 
 
@@ -249,29 +291,36 @@ def summarize(contestants: List[Contestant], saved: Dict[str, int], cfg: TrainCo
               targets: str) -> List[Dict]:
     by_key = {c.entry.key: c for c in contestants}
     lora = by_key.get("peft/lora")
+    frozen = by_key.get("frozen/frozen")
     tokens = cfg.batch * cfg.seq
     half = cfg.autocast or dtype not in (torch.float32, torch.float64)
     out = []
     for c in contestants:
         e = c.entry
         ms = timing.median(c.times)
+        peak = max(c.peaks) if c.peaks else math.nan
         row = {
             "preset": preset.name, "targets": targets, "dtype": dtype_str(dtype), "autocast": cfg.autocast,
-            "impl": e.impl, "variant": e.label, "method": "lora" if e.variant == "lora" else "miss",
+            "impl": e.impl, "variant": e.label,
+            "method": {"lora": "lora", "frozen": "frozen"}.get(e.variant, "miss"),
             "bat_precision": e.bat_precision, "r": preset.lora_r if e.variant == "lora" else cfg.r,
             "mini_r": cfg.mini_r if e.variant == "mini" else "", "steps": cfg.steps, "timed_steps": len(c.times),
             "batch": cfg.batch, "seq": cfg.seq, "trainable_params": sum(p.numel() for p in c.params),
             "block_dtype": dtype_str(c.params[0].dtype) if c.params else "",
             "step_ms": ms, "step_spread": timing.spread(c.times),
             "tokens_per_s": tokens / (ms / 1e3) if ms > 0 else math.nan,
-            "saved_bytes": saved[e.key], "peak_bytes": max(c.peaks) if c.peaks else math.nan,
+            "x_frozen": timing.paired_ratio(c.times, frozen.times) if frozen is not None else math.nan,
+            "saved_bytes": saved[e.key], "peak_bytes": peak,
+            "saved_vs_frozen": saved[e.key] - saved[frozen.entry.key] if frozen is not None else math.nan,
+            "peak_vs_frozen": peak - max(frozen.peaks) if frozen is not None and frozen.peaks else math.nan,
             "first_loss": c.losses[0], "loss": c.losses[-1],
         }
         peer = by_key.get(e.peer) if e.peer else None
         row["vs_peft"] = timing.paired_ratio(c.times, peer.times) if peer else math.nan
         default = by_key.get(e.default) if e.default else None
         row["bat_vs_default"] = timing.paired_ratio(c.times, default.times) if default else math.nan
-        row["vs_lora"] = timing.paired_ratio(c.times, lora.times) if lora is not None and c is not lora else math.nan
+        trains = c is not lora and c is not frozen
+        row["vs_lora"] = timing.paired_ratio(c.times, lora.times) if lora is not None and trains else math.nan
         if peer is not None:
             diffs = [abs(a - b) for a, b in zip(c.losses, peer.losses)]
             tol = loss_tolerance(torch.bfloat16 if half else dtype, e.exact(cfg.autocast))
@@ -286,16 +335,26 @@ def summarize(contestants: List[Contestant], saved: Dict[str, int], cfg: TrainCo
 
 
 def run_preset(cfg: TrainConfig, preset: Preset, dtypes, targets, variants, device="cpu", lora: bool = True,
-               progress: bool = True) -> List[Dict]:
-    rows = entries(variants, lora)
-    combos = [(d, t) for d in dtypes for t in targets]
+               progress: bool = True, autocast=(False,), impls=IMPLS, floor: bool = True,
+               floor_repeats: int = 5) -> List[Dict]:
+    """Every row for each (dtype, targets, autocast), in that order; each configuration's rows
+    (``entries``) run interleaved, followed by its floor rows (standard and mini, when ``floor``
+    and those variants run) measured right after them."""
+    rows = entries(variants, lora, impls)
+    combos = [(d, t, a) for d in dtypes for t in targets for a in autocast]
     bar = progress_bar(len(combos) * cfg.steps, f"train {preset.name}", "round", progress)
+    floor_variants = [v for v in FLOOR_VARIANTS if v in variants] if floor else []
     out = []
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
-            for d, t in combos:
-                out += run_preset_case(cfg, preset, rows, d, t, device, bar)
+            for d, t, a in combos:
+                c = dataclasses.replace(cfg, autocast=a)
+                case = run_preset_case(c, preset, rows, d, t, device, bar)
+                out += case
+                if floor_variants:
+                    fl = floor_rows(c, t, d, case[0]["step_ms"], device, floor_variants, repeats=floor_repeats)
+                    out += [{"preset": preset.name, **r} for r in fl]
     finally:
         if bar is not None:
             bar.close()

@@ -1,10 +1,12 @@
-"""Seconds-long smoke run of the benchmarks (bench/): the CLI's smoke suite and a tiny training run.
+"""Seconds-long smoke run of the benchmarks (bench/): the CLI's smoke suite and tiny training runs.
 
 Checks that the table has a row per variant and dtype, the ratios are finite, miss_ext agrees
-with miss_ext.reference and PEFT, the CSV carries its metadata, and the training losses of PEFT
-and miss_ext agree.
+with miss_ext.reference and PEFT, the CSV carries its metadata, the training losses of PEFT
+and miss_ext agree, and the training table has its frozen and floor rows with every ratio
+"x frozen" (time over the frozen model's), for both targets and both autocast modes.
 """
 
+import ast
 import csv
 import math
 import sys
@@ -82,18 +84,22 @@ def test_layer_smoke_suite(tmp_path, capsys):
     assert (tmp_path / "s.png").stat().st_size > 0
 
 
-def test_train_smoke():
-    from bench.train_bench import TrainConfig, run_train_suite
+TINY = ["--layers", "1", "--hidden", "64", "--intermediate", "128", "--heads", "2", "--vocab", "128",
+        "--seq", "16", "--r", "16", "--mini-r", "16", "--train-warmup", "1", "--no-progress"]
 
-    cfg = TrainConfig(layers=1, hidden=64, intermediate=128, heads=2, vocab=128, seq=16, batch=2,
-                      r=16, mini_r=16, steps=3, warmup=1)
-    rows = run_train_suite(cfg, ["all"], list(VARIANTS), [torch.float32], "cpu", progress=False)
-    assert len(rows) == 3
-    for r in rows:
+
+def test_train_smoke_float32(tmp_path, capsys):
+    """An fp32 model (the old default), PEFT and miss_ext on every linear: the losses agree."""
+    rc, rows = cli.run(["train", *TINY, "--batch", "2", "--steps", "3", "--dtypes", "float32", "--targets", "all",
+                        "--autocast", "off", "--no-lora", "--no-floor", "--csv", str(tmp_path / "t.csv")])
+    assert rc == 0
+    miss = {(r["impl"], r["variant"]): r for r in rows if r["impl"] in ("peft", "inject")}
+    assert set(miss) == {(i, v) for i in ("peft", "inject") for v in VARIANTS} | {("inject", "bat-promote")}
+    for r in miss.values():
         assert r["loss_ok"], r
-        assert math.isfinite(r["peft_loss"]) and math.isfinite(r["ours_loss"])
-        assert r["ours_tokens_per_s"] > 0 and r["peft_tokens_per_s"] > 0
-    assert "loss after 3 steps" in report.train_table(rows)
+        assert r["dtype"] == r["block_dtype"] == "float32"
+        assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0
+    assert "loss after 3 steps" in capsys.readouterr().out
 
 
 def test_saved_tensors_meter_counts_storages_once():
@@ -148,29 +154,41 @@ def test_mixed_setup_blocks_are_fp32():
     assert mods["ours"].bat_precision == "promote"
 
 
-TINY = ["--layers", "1", "--hidden", "64", "--intermediate", "128", "--heads", "2", "--vocab", "128",
-        "--seq", "16", "--r", "16", "--mini-r", "16", "--train-warmup", "1", "--no-progress"]
-
-
 def test_preset_config_and_rows():
-    from bench.train_preset import PRESETS, entries
+    from bench.train_preset import DEFAULT_PRESET, PRESETS, entries
 
     args = cli.build_parser().parse_args(["train", "--preset", "metamathqa", "--hidden", "64", "--heads", "2"])
     cfg = cli.train_config(args, PRESETS["metamathqa"])
     # The preset's values, with the flags given on top.
     assert (cfg.hidden, cfg.heads, cfg.intermediate, cfg.seq, cfg.batch, cfg.r, cfg.mini_r) == (64, 2, 2816, 512, 1, 64, 64)
     assert (cfg.lr, cfg.weight_decay, cfg.grad_clip, cfg.autocast) == (1e-4, 0.1, 1.0, False)
-    assert cli.train_config(cli.build_parser().parse_args(["train"])).hidden == 256  # the legacy default
+    # `python -m bench train` alone: the users' configuration (the issue's harness sizes).
+    step = cli.train_config(cli.build_parser().parse_args(["train"]), PRESETS[DEFAULT_PRESET])
+    assert DEFAULT_PRESET == "step" and PRESETS["step"].dtype == "bfloat16"
+    assert (step.hidden, step.intermediate, step.layers, step.seq, step.batch, step.vocab, step.r, step.mini_r) == (
+        1024, 2816, 2, 512, 1, 2000, 64, 64)
+    assert (PRESETS["step"].targets, PRESETS["step"].autocast, PRESETS["step"].impls) == (
+        "all,qv", "off,on", "peft,inject")
+    large = PRESETS["large"].config
+    assert (large["hidden"], large["intermediate"], large["seq"]) == (2048, 5632, 2048)
     keys = [e.key for e in entries()]
-    assert keys == ["peft/standard", "peft/mini", "peft/bat",
+    assert keys == ["frozen/frozen", "peft/standard", "peft/mini", "peft/bat",
                     "inject/standard", "inject/mini", "inject/bat", "inject/bat-promote",
                     "patch/standard", "patch/mini", "patch/bat", "patch/bat-promote", "peft/lora"]
-    assert [e.key for e in entries(["bat"], lora=False)] == ["peft/bat", "inject/bat", "inject/bat-promote",
-                                                            "patch/bat", "patch/bat-promote"]
+    assert [e.key for e in entries(["bat"], lora=False)] == ["frozen/frozen", "peft/bat", "inject/bat",
+                                                            "inject/bat-promote", "patch/bat", "patch/bat-promote"]
+    assert [e.key for e in entries(["mini"], lora=False, impls=("inject",), frozen=False)] == ["inject/mini"]
     with pytest.raises(SystemExit, match="train mode"):
         cli.main(["--preset", "metamathqa", "--no-progress"])
     with pytest.raises(SystemExit, match="divisible by --heads"):
         cli.main(["train", "--preset", "metamathqa", "--heads", "3", "--no-progress"])
+    for flag, bad in (("--autocast", "maybe"), ("--impls", "lora"), ("--targets", "mlp")):
+        with pytest.raises(SystemExit, match=flag):
+            cli.main(["train", flag, bad, "--no-progress"])
+    # --autocast alone means on; a list chooses.
+    parse = cli.build_parser().parse_args
+    assert parse(["train", "--autocast"]).autocast == "on"
+    assert parse(["train", "--autocast", "off,on"]).autocast == "off,on"
 
 
 def test_preset_tiny_run(tmp_path, capsys):
@@ -184,18 +202,22 @@ def test_preset_tiny_run(tmp_path, capsys):
     assert "bat/default" in text and "loss after 3 steps" in text
     with open(out_csv) as f:
         rows = {(r["impl"], r["variant"]): r for r in csv.DictReader(f)}
-    assert len(rows) == 12
+    assert len(rows) == 15  # frozen, 12 implementation rows as before, floor standard and mini
+    floors = {k: rows.pop(k) for k in [("floor", "standard"), ("floor", "mini")]}
+    assert all(float(r["x_frozen"]) > 1 for r in floors.values())
     for (impl, variant), r in rows.items():
         assert r["dtype"] == "bfloat16" and r["autocast"] == "False" and r["preset"] == "metamathqa"
-        assert r["block_dtype"] == "float32"  # get_peft_model's default, and inject's
+        assert r["block_dtype"] == ("" if impl == "frozen" else "float32")  # get_peft_model's default, and inject's
         assert float(r["step_ms"]) > 0 and float(r["tokens_per_s"]) > 0 and float(r["saved_bytes"]) > 0
         assert r["loss_ok"] == "True", r
         finite = lambda k: math.isfinite(float(r[k]))  # noqa: E731
-        assert finite("vs_peft") == (impl != "peft"), (impl, variant)
+        assert finite("vs_peft") == (impl not in ("peft", "frozen")), (impl, variant)
         assert finite("bat_vs_default") == variant.startswith("bat"), (impl, variant)
-        assert finite("vs_lora") == (variant != "lora"), (impl, variant)
-        assert finite("loss_max_abs_diff") == (impl != "peft")
-    # Same initial weights and batches: every MiSS row starts from the identity adapter.
+        assert finite("vs_lora") == (variant not in ("lora", "frozen")), (impl, variant)
+        assert finite("loss_max_abs_diff") == (impl not in ("peft", "frozen"))
+        assert finite("x_frozen") and finite("peak_bytes") and float(r["peak_bytes"]) > 0
+    # Same initial weights and batches: every MiSS row starts from the identity adapter, and the
+    # frozen model is that same model.
     assert len({r["first_loss"] for r in rows.values()}) == 1
     # PEFT's numbers, where the implementation computes them.
     for impl in ("inject", "patch"):
@@ -209,7 +231,104 @@ def test_preset_autocast_flag(tmp_path):
     assert cli.main(args) == 0
     with open(tmp_path / "a.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 8 and all(r["autocast"] == "True" and r["loss_ok"] == "True" for r in rows)
+    assert all(r["autocast"] == "True" for r in rows)
+    trained = [r for r in rows if r["impl"] != "floor"]
+    assert len(trained) == 9 and all(r["loss_ok"] == "True" for r in trained)  # frozen + the 8 MiSS rows
+    assert [(r["impl"], r["variant"]) for r in rows if r["impl"] == "floor"] == [("floor", "standard")]
+
+
+def test_step_default_tiny(tmp_path, capsys):
+    """`python -m bench train`'s default preset at tiny sizes: bf16 model, fp32 blocks, all and
+    q/v, autocast off and on; a frozen row and floor rows per configuration; every ratio lower
+    is better; the losses agree with PEFT's."""
+    out_csv = tmp_path / "step.csv"
+    rc, rows = cli.run(["train", *TINY, "--steps", "2", "--variants", "standard,mini", "--no-lora",
+                        "--csv", str(out_csv)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "lower is better" in text.splitlines()[2] and "x frozen, lower is better" in text
+    with open(out_csv) as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    configs = {(r["targets"], r["autocast"]) for r in rows}
+    assert configs == {(t, a) for t in ("all", "qv") for a in (False, True)}
+    for t, a in configs:
+        got = {(r["impl"], r["variant"]): r for r in rows if (r["targets"], r["autocast"]) == (t, a)}
+        assert set(got) == {("frozen", "frozen"), ("peft", "standard"), ("peft", "mini"), ("inject", "standard"),
+                            ("inject", "mini"), ("floor", "standard"), ("floor", "mini")}
+        frozen = got[("frozen", "frozen")]
+        assert frozen["x_frozen"] == 1.0 and frozen["trainable_params"] == 0 and frozen["saved_bytes"] > 0
+        assert frozen["saved_vs_frozen"] == 0 and frozen["peak_vs_frozen"] == 0
+        for key, r in got.items():
+            assert r["preset"] == "step" and r["dtype"] == "bfloat16"
+            assert math.isfinite(r["x_frozen"]) and r["x_frozen"] > 0, key
+            if key[0] == "inject":
+                assert math.isfinite(r["vs_peft"]) and r["loss_ok"] and r["loss_max_abs_diff"] <= r["loss_tol"]
+                assert r["block_dtype"] == "float32"
+        for v in ("standard", "mini"):
+            fl = got[("floor", v)]
+            # The floor is the frozen step plus a positive amount: its ratio says so.
+            assert fl["step_ms"] == pytest.approx(frozen["step_ms"] + fl["floor_extra_ms"])
+            assert fl["x_frozen"] == pytest.approx(fl["step_ms"] / frozen["step_ms"]) and fl["x_frozen"] > 1
+
+
+def test_train_ratios_are_time_over_the_other():
+    """x frozen and /peft are this row's time over the other's (lower is better), paired per round."""
+    from bench.train_bench import TrainConfig
+    from bench.train_preset import PRESETS, Contestant, Entry, summarize
+
+    def row(impl, variant, times):
+        c = Contestant(Entry(impl, variant), torch.nn.Linear(1, 1), [], None)
+        c.times, c.losses, c.peaks = list(times), [1.0, 1.0], [10.0]
+        return c
+
+    cs = [row("frozen", "frozen", [1, 2, 4]), row("peft", "standard", [3, 6, 12]), row("inject", "standard", [2, 4, 8])]
+    saved = {"frozen/frozen": 100, "peft/standard": 300, "inject/standard": 150}
+    out = {r["impl"]: r for r in summarize(cs, saved, TrainConfig(), PRESETS["step"], torch.bfloat16, "all")}
+    assert (out["peft"]["x_frozen"], out["inject"]["x_frozen"], out["inject"]["vs_peft"]) == (3.0, 2.0, 2 / 3)
+    assert (out["peft"]["saved_vs_frozen"], out["inject"]["saved_vs_frozen"]) == (200, 50)
+
+
+def test_train_floor_parts():
+    """The model-level floor counts, per adapted layer, the block sum read, three products and
+    the tiled-gradient pass; products in bf16 under autocast, else the cheaper fp32 route."""
+    from bench.train_bench import TrainConfig
+    from bench.train_floor import layer_floor_ms, layer_shapes
+
+    cfg = TrainConfig(layers=3, hidden=64, intermediate=96, heads=4, kv_heads=2, r=8, mini_r=4)
+    shapes = layer_shapes(cfg, "all")
+    assert shapes == {(64, 64): 6, (64, 32): 6, (64, 96): 6, (96, 64): 3}
+    assert layer_shapes(cfg, "qv") == {(64, 64): 3, (64, 32): 3}
+    t = {"bf16_gemm": 1.0, "pass_dx": 0.5, "read_x_sum": 0.3, "read_x_blocksum": 0.2, "read_g_sum": 0.1,
+         "read_g_blocksum": 0.4, "standard_fwd": 9.0, "standard_dd": 0.01, "standard_ds": 9.0,
+         "mini_fwd": 0.1, "mini_dd": 0.2, "mini_ds": 0.3}
+    n, fin, fout = 100, 64, 64
+    rate = 2.0 * n * fin * fout  # flops per ms of the bf16 GEMM (1 ms)
+    small = 2.0 * n * cfg.r * fout
+    on = layer_floor_ms(t, "standard", n, fin, fout, cfg, autocast=True)
+    assert on == pytest.approx({"read_x": 0.2, "products": 18.01, "grad_add": 0.5})
+    off = layer_floor_ms(t, "standard", n, fin, fout, cfg, autocast=False)
+    assert off["products"] == pytest.approx(6 * small / rate + 0.01 + 2 * small / rate)
+    mini = layer_floor_ms(t, "mini", n, fin, fout, cfg, autocast=True)
+    assert mini["read_g"] == 0.1 and mini["products"] == pytest.approx(0.6)
+
+
+def test_bench_imports_no_cycle():
+    """No bench module imports the command line back, and bench's own modules are imported at
+    the top of a file, never inside a function (issue 18)."""
+    for path in sorted((REPO / "bench").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level and path.stem not in ("__init__", "__main__"):
+                assert node.module != "cli", f"{path.name} imports bench.cli"
+        for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom):
+                    assert not node.level and not (node.module or "").startswith(("bench", "miss_ext")), \
+                        f"{path.name}:{node.lineno} imports {node.module} inside {fn.name}"
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                    assert not any(n.startswith(("bench", "miss_ext")) for n in names), \
+                        f"{path.name}:{node.lineno} imports {names} inside {fn.name}"
 
 
 def test_floor_mode_smoke(capsys):

@@ -1,0 +1,138 @@
+"""The model-level floor of a MiSS training step: the frozen model's step plus the work each
+adapted linear layer cannot avoid, measured on this machine right after the rows it sits beside.
+
+For one adapted ``nn.Linear`` with N tokens (batch x seq), ``in`` and ``out`` features, block
+size r, the floor of standard MiSS adds to the frozen layer's forward and backward:
+
+* the block sum: one read of x (``N x in``), timed as the faster of aten's ``x.sum(0)`` and
+  miss_ext's ``blocksum`` (a pure pass);
+* three ``N x r x out`` products: the forward term ``s D``, ``dL/dD = s^T G`` and
+  ``dL/ds = G D^T``. Under autocast each is a bf16 GEMM (what autocast makes of them). Without
+  autocast they must keep fp32 accuracy (the blocks are fp32 on a bf16 model): each costs the
+  cheaper of aten's fp32 GEMM and ``pieces x its flops`` at the rate of the layer's own bf16 GEMM
+  (``N x in x out``), with 6, 3 and 2 pieces (bench/floor.py, docs/MATH.md section 11.3);
+* the tiled-gradient add: one pass (read and write) over ``dL/dx`` (``N x in``).
+
+Mini's products are ``N x r x mini_r`` (counted the same way; they are small) and its ``dL/dD``
+needs G folded to ``N x mini_r`` first: one more read, of G (``N x out``), by the faster reader.
+Adding the forward term into y is not counted: a GEMM with an accumulating epilogue does it.
+BAT has no floor row here (its floor is GEMM-bound: ``python -m bench floor``).
+
+The floor's step time is the frozen model's measured step (median, from the same run) plus the
+sum of these parts' medians over every adapted layer; its ratio is that over the frozen step. It
+counts no optimizer step (AdamW over r x out blocks is small next to the rest) and no Python or
+autograd overhead: a lower bound for any implementation with these numerics, not an estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Callable, Dict, List
+
+import miss_ext  # noqa: F401  (registers torch.ops.miss_ext)
+import torch
+import torch.nn.functional as F
+
+from . import timing
+from .floor import product_time
+from .train_bench import TARGETS, TrainConfig
+
+FLOOR_VARIANTS = ("standard", "mini")
+
+
+def layer_shapes(cfg: TrainConfig, targets: str) -> Counter:
+    """(in, out) of each adapted linear layer -> how many the model has."""
+    head_dim = cfg.hidden // cfg.heads
+    kv = (cfg.kv_heads or cfg.heads) * head_dim
+    h, i = cfg.hidden, cfg.intermediate
+    dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    return Counter(dims[n] for n in TARGETS[targets] for _ in range(cfg.layers))
+
+
+def _read(t: torch.Tensor, r: int) -> Dict[str, Callable[[], object]]:
+    return {"sum": lambda: t.sum(0, dtype=torch.float32),
+            "blocksum": lambda: torch.ops.miss_ext.blocksum(t, r, torch.float32)}
+
+
+def _parts(n: int, fin: int, fout: int, cfg: TrainConfig, dtype, autocast: bool, device) -> Dict[str, Callable]:
+    """Every part the floor may count for one layer shape, on detached tensors (no autograd)."""
+    act = torch.bfloat16 if autocast else dtype
+    x, g = torch.randn(n, fin, dtype=act, device=device), torch.randn(n, fout, dtype=act, device=device)
+    dx = torch.empty_like(x)
+    w16 = torch.randn(fout, fin, dtype=torch.bfloat16, device=device)
+    x16 = x.to(torch.bfloat16)
+    prod = torch.bfloat16 if autocast else torch.float32
+    parts: Dict[str, Callable] = {"bf16_gemm": lambda: F.linear(x16, w16), "pass_dx": lambda: dx.copy_(x)}
+    parts.update({f"read_x_{k}": f for k, f in _read(x, cfg.r).items()})
+    parts.update({f"read_g_{k}": f for k, f in _read(g, cfg.mini_r).items()})
+    for v, m in (("standard", fout), ("mini", cfg.mini_r)):
+        s = torch.randn(n, cfg.r, dtype=prod, device=device)
+        d = torch.randn(cfg.r, m, dtype=prod, device=device)
+        gm = torch.randn(n, m, dtype=prod, device=device)
+        parts[f"{v}_fwd"] = lambda s=s, d=d: s @ d
+        parts[f"{v}_dd"] = lambda s=s, gm=gm: s.t() @ gm
+        parts[f"{v}_ds"] = lambda gm=gm, d=d: gm @ d.t()
+    return parts
+
+
+def _time(fns: Dict[str, Callable], device, warmup: int, repeats: int) -> Dict[str, float]:
+    clock = timing.clock_for(device)
+    times = {k: [] for k in fns}
+    with timing.no_gc():
+        for i in range(warmup + repeats):
+            for k, fn in fns.items():
+                clock.sync()
+                t0 = clock.mark()
+                fn()
+                t1 = clock.mark()
+                clock.sync()
+                if i >= warmup:
+                    times[k].append(clock.elapsed_ms(t0, t1))
+    return {k: timing.median(v) for k, v in times.items()}
+
+
+def layer_floor_ms(t: Dict[str, float], variant: str, n: int, fin: int, fout: int, cfg: TrainConfig,
+                   autocast: bool) -> Dict[str, float]:
+    """The floor's parts (ms) for one layer from the part medians ``t``."""
+    m = fout if variant == "standard" else cfg.mini_r
+    flops = 2.0 * n * cfg.r * m
+    if autocast:
+        products = t[f"{variant}_fwd"] + t[f"{variant}_dd"] + t[f"{variant}_ds"]
+    else:
+        rate = 2.0 * n * fin * fout / t["bf16_gemm"]
+        products = sum(product_time(t[f"{variant}_{k}"], flops, pieces, rate)
+                       for k, pieces in (("fwd", 6), ("dd", 3), ("ds", 2)))
+    out = {"read_x": min(t["read_x_sum"], t["read_x_blocksum"]), "products": products, "grad_add": t["pass_dx"]}
+    if variant == "mini":
+        out["read_g"] = min(t["read_g_sum"], t["read_g_blocksum"])
+    return out
+
+
+def floor_rows(cfg: TrainConfig, targets: str, dtype, frozen_ms: float, device="cpu", variants=FLOOR_VARIANTS,
+               warmup: int = 2, repeats: int = 5) -> List[Dict]:
+    """One row per variant: the frozen step ``frozen_ms`` plus the parts of every adapted layer
+    (``cfg.autocast`` picks the products' precision). ``frozen_ms`` comes from the run beside it."""
+    n = cfg.batch * cfg.seq
+    totals: Dict[str, Counter] = {v: Counter() for v in variants}
+    for (fin, fout), count in layer_shapes(cfg, targets).items():
+        t = _time(_parts(n, fin, fout, cfg, dtype, cfg.autocast, device), device, warmup, repeats)
+        for v in variants:
+            for k, ms in layer_floor_ms(t, v, n, fin, fout, cfg, cfg.autocast).items():
+                totals[v][k] += count * ms
+    rows = []
+    for v in variants:
+        extra = sum(totals[v].values())
+        step = frozen_ms + extra
+        rows.append({
+            "targets": targets, "dtype": str(dtype).replace("torch.", ""), "autocast": cfg.autocast,
+            "impl": "floor", "variant": v, "method": "floor", "r": cfg.r,
+            "mini_r": cfg.mini_r if v == "mini" else "", "batch": cfg.batch, "seq": cfg.seq,
+            "step_ms": step, "floor_extra_ms": extra,
+            "floor_parts_ms": " ".join(f"{k}={ms:.3g}" for k, ms in totals[v].items()),
+            "x_frozen": step / frozen_ms if frozen_ms > 0 else math.nan,
+            "tokens_per_s": n / (step / 1e3) if step > 0 else math.nan,
+        })
+    return rows
+
