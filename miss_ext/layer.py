@@ -31,7 +31,7 @@ from torch import nn
 
 from . import _checks
 from . import functional as MF
-from ._ops import holds
+from ._ops_common import holds
 from ._keys import reject_peft_keys
 
 InitWeights = Union[bool, str]

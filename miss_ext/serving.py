@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from . import functional as MF
-from ._ops import holds
+from ._ops_common import holds
 from .layer import autocast_dtype, bat_output, plain_linear
 
 __all__ = ["BASE", "mixed_batch", "cache_bat_weights", "bat_cache_bytes"]
