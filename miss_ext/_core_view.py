@@ -56,6 +56,11 @@ class MissLinearView:
         self.layer = layer
 
     @property
+    def takes_adapter_names(self) -> bool:
+        """Whether the layer's forward takes ``adapter_names`` (mixed-adapter batches)."""
+        return True
+
+    @property
     def blocks(self):
         return self.layer.miss_block
 
@@ -151,6 +156,10 @@ class PeftLayerView(MissLinearView):
         return f"miss_ext.peft {type(self.layer).__name__}"
 
     mixed_fn = fn
+
+    @property
+    def takes_adapter_names(self) -> bool:
+        return PEFT_SETTINGS["patched"]  # unpatched, PEFT drops adapter_names for MiSS
 
     def active(self) -> list[str]:
         blocks = self.layer.miss_block

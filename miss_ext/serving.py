@@ -39,8 +39,8 @@ from ._core_mixed import (  # noqa: F401  (BASE, ModelNames, check_names: the na
     check_known,
     check_names,
 )
-from ._core_view import PEFT_SETTINGS
-from .inject import adapter_layers, miss_layers
+from ._core_view import view_of
+from .inject import adapter_layers
 
 __all__ = ["BASE", "mixed_batch", "cache_bat_weights", "bat_cache_bytes"]
 
@@ -82,12 +82,11 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], num_beams: int =
     layers = [m for _, m in adapter_layers(model)]
     if not layers:
         raise ValueError(f"mixed_batch: {type(model).__name__} has no MiSS layer; build one with miss_ext.inject")
-    if len(layers) > len(miss_layers(model)):  # PEFT's layers take adapter_names only when patched
-        if not PEFT_SETTINGS["patched"]:
-            raise ValueError(
-                "mixed_batch: the model has PEFT MiSS layers, which take adapter_names only under "
-                "miss_ext.peft.patch(); call it first (or pass adapter_names to the PeftModel's forward/generate)"
-            )
+    if not all(view_of(m).takes_adapter_names for m in layers):
+        raise ValueError(
+            "mixed_batch: the model has PEFT MiSS layers, which take adapter_names only under "
+            "miss_ext.peft.patch(); call it first (or pass adapter_names to the PeftModel's forward/generate)"
+        )
     known = {a for m in layers for a in m.miss_block}
     names = check_model_names("mixed_batch", adapter_names, known, model.training, num_beams)
     handles = register_hooks(layers, names)
