@@ -22,21 +22,19 @@ from ._ops_common import holds
 
 def forward(view, x: torch.Tensor, args, kwargs) -> torch.Tensor:
     """``view``'s layer (see miss_ext._core_view) on ``x``; ``args``/``kwargs`` go to its base."""
-    blocks = view.blocks
-    active = view.active()
-    _checks.layer_input(view.fn, x, view.in_features, [blocks[n] for n in active])
+    terms = view.active_terms()
+    _checks.layer_input(view.fn, x, view.in_features, [block for block, _, _ in terms])
     previous_dtype = x.dtype
     if view.disabled and view.merged:
         view.unmerge()  # only reachable if merge() was called while disabled (PEFT does this too)
     if view.disabled or view.merged:
         return view.base_layer(x, *args, **kwargs).to(previous_dtype)
-    variants = [(n, view.variant(n)) for n in active]
-    bat = [blocks[n] for n, v in variants if v == "bat"]
+    bat = [block for block, variant, _ in terms if variant == "bat"]
     base_out = None
     if bat:
         view.check_bat()
         base_out = bat_output(x, view.base_weight(), view.bias, bat, view.bat_precision)
-    terms = [(blocks[n], v, view.dropout_p(n)) for n, v in variants if v != "bat"]
+        terms = [t for t in terms if t[1] != "bat"]
     return additive_output(view, x, terms, args, kwargs, base_out).to(previous_dtype)
 
 

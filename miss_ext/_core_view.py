@@ -81,6 +81,17 @@ class MissLinearView:
         blocks = self.layer.miss_block
         return [a for a in self.layer._active_adapter if a in blocks]
 
+    def active_terms(self) -> list[tuple[torch.Tensor, str, float]]:
+        """(block, variant, live dropout p) of each active adapter, in the active order."""
+        layer = self.layer
+        blocks, variants, dropout = layer.miss_block, layer.miss_variant, layer.miss_dropout_p
+        training = layer.training
+        return [
+            (blocks[a], variants[a], dropout[a] if training else 0.0)
+            for a in layer._active_adapter
+            if a in blocks
+        ]
+
     def variant(self, name: str) -> str:
         return self.layer.miss_variant[name]
 
@@ -164,6 +175,10 @@ class PeftLayerView(MissLinearView):
     def active(self) -> list[str]:
         blocks = self.layer.miss_block
         return [a for a in self.layer.active_adapters if a in blocks]
+
+    def active_terms(self) -> list[tuple[torch.Tensor, str, float]]:
+        blocks = self.layer.miss_block
+        return [(blocks[a], self.variant(a), self.dropout_p(a)) for a in self.active()]
 
     def variant(self, name: str) -> str:
         return variant_of_block(self.layer.miss_block[name], self.layer.out_features)
