@@ -1,6 +1,7 @@
 """The variant table: which ``init_weights`` gives which variant, the block each variant has, its
 init, and the shape rules (docs/MATH.md section 7). The one place this table lives: the layer,
-the model-level functions, the PEFT integration and the demo all read it from here.
+the model-level functions and the PEFT integration read it from here, the demo (and anyone
+else) as ``miss_ext.layer.INIT_WEIGHTS``.
 """
 
 from __future__ import annotations

@@ -238,9 +238,6 @@ class MissLinear(nn.Module):
     def base_weight(self) -> torch.Tensor:
         return real_weight(self.base_layer)
 
-    def _active(self) -> list[str]:
-        return [a for a in self._active_adapter if a in self.miss_block]
-
     # ------------------------------------------------------------ merging
 
     @property
@@ -253,7 +250,7 @@ class MissLinear(nn.Module):
         every step succeeded, so a failed safe merge leaves the weight bit-for-bit unchanged."""
         if isinstance(adapter_names, str):
             raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
-        names = self._active() if adapter_names is None else list(adapter_names)
+        names = MissLinearView(self).active() if adapter_names is None else list(adapter_names)
         unknown = [n for n in names if n not in self.miss_block]
         if unknown:
             raise ValueError(f"cannot merge unknown adapter(s) {unknown} (has {list(self.miss_block)})")
