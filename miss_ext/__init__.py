@@ -2,8 +2,14 @@
 
 ``import miss_ext`` loads the operators into ``torch.ops.miss_ext`` and gives
 ``miss_ext.MissLinear``, ``miss_ext.functional``, ``miss_ext.inject`` and the whole-model
-operations (merge and unload, save and load in PEFT's format, adapter switching); PEFT is
-never imported here (``miss_ext.peft`` loads on first use).
+operations (merge and unload, save and load in PEFT's format, adapter switching). PEFT itself is
+never imported here: ``miss_ext.peft`` imports it only when its functions run.
+
+The modules import one way, each layer only from the ones below it (checked by .importlinter):
+loading, checks and the fp64 reference; the operators' fake kernels and autograd
+(``_ops_*``); ``functional``; the core (``_core_*``: the variant table, the adapter views, the
+one forward path, the one mixed-batch path, merging); ``layer`` (MissLinear); the model level
+(``inject``, ``model``, ``saving``, ``export``, ``serving``); the PEFT integration (``peft``).
 """
 
 from ._load import load_core as _load_core
@@ -21,16 +27,11 @@ from .inject import (  # noqa: E402
     set_adapter,
     to_injected_state_dict,
 )
-from .model import (  # noqa: E402
-    load_adapter,
-    merge_adapters,
-    merge_and_unload,
-    save_adapter,
-    unload,
-    unmerge_adapters,
-)
+from .model import merge_adapters, merge_and_unload, unload, unmerge_adapters  # noqa: E402
+from .saving import load_adapter, save_adapter  # noqa: E402
 from .serving import bat_cache_bytes, cache_bat_weights, mixed_batch  # noqa: E402
 from .export import export_lora  # noqa: E402
+from . import peft  # noqa: E402,F401  (PEFT itself is imported only when its functions run)
 
 __version__ = "0.1.0"
 
@@ -46,19 +47,6 @@ def empty_cache() -> int:
 def build_info() -> dict:
     """How the compiled core was built: torch version, OpenMP, CUDA and its archs."""
     return dict(_C.build_info())
-
-
-def __getattr__(name: str):
-    # `miss_ext.peft` imports on first use, so `import miss_ext` never pulls in PEFT.
-    if name == "peft":
-        import importlib
-
-        return importlib.import_module(".peft", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | {"peft"})
 
 
 __all__ = [

@@ -14,6 +14,7 @@ import numbers
 from typing import Iterable, Optional, Union
 
 import torch
+from torch import nn
 
 FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -133,8 +134,6 @@ def adapter_name(name) -> str:
             f"adapter_name must be a non-empty string without '.' (got {name!r}): it becomes part of the "
             f"parameter names (miss_block.<adapter_name>)"
         )
-    import torch.nn as nn
-
     if hasattr(nn.ParameterDict(), name):
         raise ValueError(f"adapter_name {name!r} clashes with an attribute of nn.ParameterDict; choose another name")
     return name

@@ -4,7 +4,8 @@ PEFT saves a MiSS block of module ``<path>`` as ``base_model.model.<path>.miss_b
 adapter name is dropped (it comes back at load time). A MissLinear's parameter is
 ``<path>.miss_block.<adapter>``, so such a file matches no key of an injected model and
 ``load_state_dict(strict=False)`` would load nothing without a word. :func:`reject_peft_keys`,
-a load_state_dict pre-hook of every MissLinear, raises instead and names the loader.
+a load_state_dict pre-hook of every MissLinear (and a model-level one that :func:`miss_ext.inject`
+adds), raises instead and names the loader.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def module_of_peft_key(key: str) -> Optional[str]:
     return None
 
 
-def _refuse(key: str, own: str) -> None:
+def refuse_peft_key(key: str, own: str) -> None:
     raise RuntimeError(
         f"load_state_dict: key {key!r} is a MiSS block in PEFT's saved-adapter format (no adapter "
         f"name), which matches no parameter of this model (MissLinear blocks are "
@@ -41,31 +42,8 @@ def _refuse(key: str, own: str) -> None:
 def reject_peft_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
     """load_state_dict pre-hook of a MissLinear: ``<its prefix>miss_block`` (no adapter name) is
     a block in PEFT's file format. Only keys under the layer's own prefix reach it (torch hands
-    each module the part of the state dict below it): :func:`guard_model` covers the others."""
+    each module the part of the state dict below it): the model-level hook that
+    :func:`miss_ext.inject` registers covers the others."""
     own = prefix + BLOCK
     if own in state_dict:
-        _refuse(own, own)
-
-
-def _reject_peft_keys_of_model(module, state_dict, prefix, *rest) -> None:
-    """load_state_dict pre-hook of a model that holds MissLinear layers: any key
-    ``[<anything>.]<path of a MissLinear>.miss_block`` (PEFT's saved files put
-    ``base_model.model.`` in front) would match nothing."""
-    from .layer import MissLinear
-
-    suffix = "." + BLOCK
-    candidates = [k[len(prefix) : -len(suffix)] for k in state_dict if k.startswith(prefix) and k.endswith(suffix)]
-    if not candidates:
-        return
-    layers = [n for n, m in module.named_modules() if isinstance(m, MissLinear) and n]
-    for path in candidates:
-        for name in layers:
-            if path == name or path.endswith("." + name):
-                _refuse(prefix + path + suffix, prefix + name + suffix)
-
-
-def guard_model(model) -> None:
-    """Registers :func:`_reject_peft_keys_of_model` on ``model`` once (inject calls this)."""
-    if not getattr(model, "_miss_ext_peft_key_guard", False):
-        model.register_load_state_dict_pre_hook(_reject_peft_keys_of_model)
-        model._miss_ext_peft_key_guard = True
+        refuse_peft_key(own, own)

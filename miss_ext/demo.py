@@ -8,13 +8,14 @@ import torch
 from torch import nn
 
 import miss_ext
+from miss_ext.layer import INIT_WEIGHTS
 
 
 def train(variant: str, steps: int, in_f: int, out_f: int, r: int) -> list[float]:
     torch.manual_seed(0)
     base = nn.Linear(in_f, out_f)
     # The target differs from the base by a change each variant can represent exactly.
-    init = {"standard": True, "mini": "mini", "bat": "bat"}[variant]
+    init = INIT_WEIGHTS[variant]
     layer = miss_ext.MissLinear(base, r=r, mini_r=16, init_weights=init, miss_dropout=0.0)
     with torch.no_grad():
         target = miss_ext.MissLinear(nn.Linear(in_f, out_f), r=r, mini_r=16, init_weights=init)

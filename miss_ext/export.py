@@ -14,8 +14,6 @@ it wraps) with MiSS adapters; PEFT itself is not needed to export.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from typing import Optional
 
@@ -23,14 +21,12 @@ import torch
 from torch import nn
 
 from . import functional as MF
-from .layer import variant_of_block
-from .model import _target_modules
+from ._core_view import view_of
+from ._keys import PEFT_PREFIX as PREFIX
+from .inject import adapter_layers
+from .saving import target_modules, write_adapter
 
 __all__ = ["export_lora"]
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 
 
 def _root(model: nn.Module) -> nn.Module:
@@ -38,18 +34,6 @@ def _root(model: nn.Module) -> nn.Module:
     if hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None)):
         return model.get_base_model()
     return model
-
-
-def _variant(layer, name: str) -> str:
-    variants = getattr(layer, "miss_variant", None)
-    if isinstance(variants, dict):
-        return variants[name]
-    return variant_of_block(layer.miss_block[name], layer.out_features)
-
-
-def _weight(layer) -> torch.Tensor:
-    get = getattr(layer, "base_weight", None) or getattr(layer, "get_base_weight")
-    return get()
 
 
 def folding_matrix(r: int, in_features: int, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -66,9 +50,9 @@ def _exact_pair(block: torch.Tensor, out_f: int, in_f: int):
     return folding_matrix(r, in_f, block.dtype, block.device), b.contiguous()
 
 
-def _svd_pair(layer, block: torch.Tensor, rank: Optional[int], energy: Optional[float]):
+def _svd_pair(weight: torch.Tensor, block: torch.Tensor, rank: Optional[int], energy: Optional[float]):
     """(A, B, report) of BAT's delta ``W' - W`` truncated to the requested rank/energy."""
-    weight = _weight(layer).detach()
+    weight = weight.detach()
     acc = torch.float64 if torch.float64 in (weight.dtype, block.dtype) else torch.float32
     w = weight.to(acc)
     delta = MF.bat_transform(w, block.detach().to(acc)) - w
@@ -125,8 +109,6 @@ def export_lora(
     "rel_error_weight"}}, "max_rel_error": ..., "r": ..., "path": path}`` where ``rel_error`` is
     ``||dW - B A||_F / ||dW||_F`` (0 for standard/mini) and ``rel_error_weight`` the same residual
     over ``||W||_F``. Nothing is written if a check fails."""
-    from .inject import adapter_layers
-
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise ValueError(f"export_lora: rank must be a positive integer (got {rank!r})")
     if energy is not None and not (isinstance(energy, (int, float)) and 0.0 < float(energy) <= 1.0):
@@ -139,7 +121,7 @@ def export_lora(
     if any(not n for n, _ in layers):
         raise ValueError("export_lora needs the model that contains the MiSS layers, not a layer itself")
     for name, layer in layers:
-        variant = _variant(layer, adapter_name)
+        variant = view_of(layer).variant(adapter_name)
         if variant == "bat":
             if rank is None and energy is None:
                 raise ValueError(
@@ -156,11 +138,12 @@ def export_lora(
 
     tensors, report, ranks = {}, {}, {}
     for name, layer in layers:
+        view = view_of(layer)
         block = layer.miss_block[adapter_name]
-        variant = _variant(layer, adapter_name)
+        variant = view.variant(adapter_name)
         with torch.no_grad():
             if variant == "bat":
-                a, b, info = _svd_pair(layer, block, rank, energy)
+                a, b, info = _svd_pair(view.base_weight(), block, rank, energy)
             else:
                 a, b = _exact_pair(block, layer.out_features, layer.in_features)
                 info = {"variant": variant, "rank": block.shape[0], "exact": True, "energy": 1.0,
@@ -184,7 +167,7 @@ def export_lora(
         "rank_pattern": pattern,
         "alpha_pattern": dict(pattern),
         "lora_dropout": 0.0,
-        "target_modules": _target_modules(root, [n for n, _ in layers]),
+        "target_modules": target_modules(root, [n for n, _ in layers]),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
@@ -197,12 +180,7 @@ def export_lora(
         "base_model_name_or_path": getattr(getattr(root, "config", None), "_name_or_path", None) or None,
         "revision": None,
     }
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    write_adapter(path, tensors, config)
     errors = [v["rel_error"] for v in report.values()]
     return {
         "modules": report,

@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _checks, _ops
+from . import _checks
+from ._ops_common import holds
 
 ops = torch.ops.miss_ext
 
@@ -69,7 +70,7 @@ def tile(s: torch.Tensor, features: int, dtype: Optional[torch.dtype] = None) ->
 def _block_precision(x: torch.Tensor, block: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype the block sum of ``x`` is taken in: the block's, when it holds x's (a bfloat16
     x with a float32 block: the mixed-precision layer), else x's own (the caller promotes)."""
-    return block.dtype if _ops.holds(x.dtype, block.dtype) else None
+    return block.dtype if holds(x.dtype, block.dtype) else None
 
 
 def _autocast_on(t: torch.Tensor) -> bool:
@@ -101,7 +102,7 @@ def miss_forward(
         # One fused GEMM + accumulate into a copy of base_out.
         y = torch.addmm(base_out.reshape(-1, out_features), s.reshape(-1, r), block)
         return y.view(*lead, out_features)
-    if s.dtype == block.dtype and _ops.holds(base_out.dtype, block.dtype):
+    if s.dtype == block.dtype and holds(base_out.dtype, block.dtype):
         return ops.miss_add_product(base_out, s, block)
     return base_out + s @ block
 
@@ -124,7 +125,7 @@ def mini_forward(
     # Decided on `small`, not `block`: under autocast the product may come out in another dtype.
     # A wider `small` (float32 block, half-type base) is added and rounded once, as PEFT's sum
     # after its final cast.
-    if _ops.holds(base_out.dtype, small.dtype):
+    if holds(base_out.dtype, small.dtype):
         return ops.tile_add(base_out, small)
     return base_out + ops.tile(small, out_features)
 
@@ -215,9 +216,9 @@ def gathered_forward(
         _checks.additive("miss_ext.gathered_forward", x, base_out, b, 0.0, mini=b.dim() == 2 and b.shape[1] != base_out.shape[-1])
     bdt = blocks[0].dtype
     # The product's precision: the blocks', widened to hold base_out's dtype when narrower.
-    cdt = bdt if _ops.holds(base_out.dtype, bdt) else torch.promote_types(base_out.dtype, bdt)
-    xi = x if _ops.holds(x.dtype, cdt) else x.to(cdt)
-    s = ops.blocksum(xi, blocks[0].shape[0], cdt if _ops.holds(xi.dtype, cdt) else None)
+    cdt = bdt if holds(base_out.dtype, bdt) else torch.promote_types(base_out.dtype, bdt)
+    xi = x if holds(x.dtype, cdt) else x.to(cdt)
+    s = ops.blocksum(xi, blocks[0].shape[0], cdt if holds(xi.dtype, cdt) else None)
     if s.dtype != cdt:
         s = s.to(cdt)
     blocks = [b if b.dtype == cdt else b.to(cdt) for b in blocks]

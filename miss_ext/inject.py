@@ -13,10 +13,8 @@ from typing import Iterable, Optional, Union
 from torch import nn
 
 from . import _checks
-from ._keys import guard_model
-from .layer import (
+from ._core_variants import (
     InitWeights,
-    MissLinear,
     check_adapter_shape,
     check_bat_precision,
     check_dropout,
@@ -24,6 +22,9 @@ from .layer import (
     real_weight,
     variant_of,
 )
+from ._core_view import view_of
+from ._keys import BLOCK, refuse_peft_key
+from .layer import MissLinear
 
 Targets = Union[str, Iterable[str]]
 ALL_LINEAR = "all-linear"
@@ -43,6 +44,20 @@ __all__ = [
 
 def miss_layers(model: nn.Module) -> list[tuple[str, MissLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MissLinear)]
+
+
+def checked_layers(model: nn.Module, names: Optional[list[str]]) -> list[tuple[str, MissLinear]]:
+    """The MissLinear layers of ``model``; raises when it has none or when one of ``names``
+    (None: no check) is on no layer."""
+    layers = miss_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MissLinear layer; build one with miss_ext.inject")
+    if names is not None:
+        known = {a for _, layer in layers for a in layer.miss_block}
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise ValueError(f"adapter(s) {missing} not found in the model (has {sorted(known)})")
+    return layers
 
 
 def _inside_miss_layer(model: nn.Module) -> set[str]:
@@ -170,6 +185,28 @@ def inject(
     return model
 
 
+def _reject_peft_keys_of_model(module, state_dict, prefix, *rest) -> None:
+    """load_state_dict pre-hook of a model that holds MissLinear layers: any key
+    ``[<anything>.]<path of a MissLinear>.miss_block`` (PEFT's saved files put
+    ``base_model.model.`` in front) would match nothing (miss_ext._keys)."""
+    suffix = "." + BLOCK
+    candidates = [k[len(prefix) : -len(suffix)] for k in state_dict if k.startswith(prefix) and k.endswith(suffix)]
+    if not candidates:
+        return
+    layers = [n for n, _ in miss_layers(module) if n]
+    for path in candidates:
+        for name in layers:
+            if path == name or path.endswith("." + name):
+                refuse_peft_key(prefix + path + suffix, prefix + name + suffix)
+
+
+def guard_model(model: nn.Module) -> None:
+    """Registers :func:`_reject_peft_keys_of_model` on ``model`` once."""
+    if not getattr(model, "_miss_ext_peft_key_guard", False):
+        model.register_load_state_dict_pre_hook(_reject_peft_keys_of_model)
+        model._miss_ext_peft_key_guard = True
+
+
 def set_adapter(model: nn.Module, adapter_names: Union[str, Iterable[str]], inference_mode: bool = False) -> None:
     """Activates ``adapter_names`` on every MissLinear (and makes them the trainable ones).
     Each name must be an adapter of the model (a layer lacking it skips it), listed once."""
@@ -222,13 +259,6 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
 
 
-def _peft_init_weights(model: nn.Module, layer: nn.Module, adapter: str) -> InitWeights:
-    configs = getattr(model, "peft_config", None)
-    if isinstance(configs, dict) and adapter in configs:
-        return configs[adapter].init_weights
-    return layer.miss_fn  # PEFT keeps only the layer's first config; the same unless mixed
-
-
 def reset_adapter_parameters(model: nn.Module, adapter_names: Optional[Iterable[str]] = None) -> nn.Module:
     """Re-applies the documented init (zeros; PEFT's random init for ``init_weights=False``) to
     the MiSS blocks of ``adapter_names`` (default: all) in every MiSS layer of ``model``, in
@@ -255,11 +285,9 @@ def reset_adapter_parameters(model: nn.Module, adapter_names: Optional[Iterable[
             raise ValueError(f"{lname}: adapter(s) {merged} are merged into the base weight; unmerge before resetting them")
         plan.append((layer, todo))
     for layer, todo in plan:
-        if isinstance(layer, MissLinear):
-            layer.reset_parameters(todo)
-        else:
-            for a in todo:
-                init_block_(layer.miss_block[a], _peft_init_weights(model, layer, a))
+        view = view_of(layer)
+        for a in todo:
+            init_block_(layer.miss_block[a], view.init_weights(a, model))
     return model
 
 

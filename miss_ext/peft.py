@@ -21,32 +21,25 @@ shape rather than the layer-wide ``miss_fn`` (PEFT raises shape errors when vari
 on a layer; the two agree everywhere else), and dropout masks come from miss_ext's
 counter-based generator rather than ``nn.Dropout``'s (same distribution, different draws).
 
-PEFT is imported only inside these functions: ``import miss_ext.peft`` alone does not need it.
+The patched methods hand the layer to the same core MissLinear runs on (miss_ext._core_forward,
+_core_mixed, _core_merge) through its view (miss_ext._core_view.PeftLayerView). PEFT is imported
+only inside these functions: ``import miss_ext.peft`` alone does not need it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from . import _checks
-from .layer import (
-    MissLinear,
-    additive_output,
-    apply_steps,
-    bat_output,
-    check_bat_precision,
-    delta_weight,
-    merge_steps,
-    plain_linear,
-    unmerge_steps,
-    variant_of_block,
-)
+from . import _core_forward, _core_merge, _core_mixed
 from . import functional as MF
+from ._core_variants import check_bat_precision
+from ._core_view import PEFT_SETTINGS, PeftLayerView
+from .saving import load_adapter
+from .serving import check_model_names, register_hooks
 
 __all__ = [
     "patch",
@@ -63,8 +56,9 @@ _ORIGINALS: dict[str, Any] = {}
 _HOOKS = "_enable_peft_forward_hooks"
 _ABSENT = object()
 _MODEL_ORIGINALS: dict[str, Any] = {}
-# The BAT compute mode of patched layers (see miss_ext.layer.BAT_PRECISIONS); set by patch().
-_SETTINGS = {"bat_precision": "base"}
+# The BAT compute mode of patched layers (see miss_ext._core_variants.BAT_PRECISIONS) and whether
+# the patch is on; the views of PEFT's layers read them.
+_SETTINGS = PEFT_SETTINGS
 
 
 def _peft_miss_linear():
@@ -79,99 +73,14 @@ def _peft_miss_model():
     return MissModel
 
 
-def _variant(layer, name: str) -> str:
-    return variant_of_block(layer.miss_block[name], layer.out_features)
-
-
-def _dropout_p(layer, name: str) -> float:
-    """The adapter's live dropout probability: its nn.Dropout's p in training, else 0."""
-    module = layer.miss_dropout[name] if name in layer.miss_dropout else None
-    if isinstance(module, nn.Dropout) and module.training:
-        return float(module.p)
-    return 0.0
-
-
 # ---------------------------------------------------------------- replacement methods
 
 
 def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     adapter_names = kwargs.pop("adapter_names", None)
     if adapter_names is not None:
-        return _mixed_forward(self, x, adapter_names, args, kwargs)
-    # PEFT casts x to the adapters' dtype and the result back: an integer x must not get that far.
-    blocks = [self.miss_block[a] for a in self.active_adapters if a in self.miss_block]
-    _checks.layer_input(f"miss_ext.peft {type(self).__name__}", x, self.in_features, blocks)
-    previous_dtype = x.dtype
-    if self.disable_adapters:
-        if self.merged:
-            self.unmerge()
-        result = self.base_layer(x, *args, **kwargs)
-    elif self.merged:
-        result = self.base_layer(x, *args, **kwargs)
-    else:
-        active = [a for a in self.active_adapters if a in self.miss_block]
-        variants = [_variant(self, a) for a in active]
-        bat = [a for a, v in zip(active, variants) if v == "bat"]
-        base_out = None
-        if bat:
-            backend = self.quantization_backend
-            if backend is not None and not backend.supports_merge:
-                raise ValueError(
-                    "Using MiSS with `init_weights='bat'` is not supported because quantization backend "
-                    f"{backend.backend_name} does not support dequantization. Use a different "
-                    "quantization backend or a different MiSS initialization method."
-                )
-            # get_base_weight is detached (`.data`), so, as in PEFT, no gradient reaches the base.
-            bias = self.get_base_layer().bias
-            base_out = bat_output(
-                x, self.get_base_weight(), bias, [self.miss_block[a] for a in bat], _SETTINGS["bat_precision"]
-            )
-        elif self.quantization_backend is not None:
-            base_out = self.quantization_backend.maybe_clone_base_result(self.base_layer(x, *args, **kwargs))
-        terms = [(self.miss_block[a], v, _dropout_p(self, a)) for a, v in zip(active, variants) if v != "bat"]
-        result = additive_output(
-            self.base_layer, x, terms, args, kwargs, cast=self._cast_input_dtype, base_out=base_out
-        )
-    return result.to(previous_dtype)
-
-
-def _mixed_forward(self, x: torch.Tensor, adapter_names, args, kwargs) -> torch.Tensor:
-    """Mixed-adapter batch through a PEFT MiSS layer (miss_ext.serving): each sample with its
-    own adapter, ``"__base__"`` for the base layer alone."""
-    from . import serving
-
-    fn = f"miss_ext.peft {type(self).__name__}"
-    _checks.layer_input(fn, x, self.in_features, self.miss_block.values())
-    names = adapter_names if isinstance(adapter_names, serving.ModelNames) else serving.check_names(fn, adapter_names)
-    serving.check_layer_call(fn, x, names, self.miss_block.keys(), self.merged, self.training)
-    previous_dtype = x.dtype
-    if self.disable_adapters:
-        return self.base_layer(x, *args, **kwargs).to(previous_dtype)
-    present = [a for a in dict.fromkeys(names) if a in self.miss_block]
-    backend = self.quantization_backend
-    if backend is not None and not backend.supports_merge and any(_variant(self, a) == "bat" for a in present):
-        raise ValueError(
-            "Using MiSS with `init_weights='bat'` is not supported because quantization backend "
-            f"{backend.backend_name} does not support dequantization. Use a different "
-            "quantization backend or a different MiSS initialization method."
-        )
-
-    def base(t):
-        out = self.base_layer(t, *args, **kwargs)
-        return out if backend is None else backend.maybe_clone_base_result(out)
-
-    view = serving.LayerView(
-        blocks=self.miss_block,
-        variant=lambda a: _variant(self, a),
-        base=base,
-        weight=self.get_base_weight,
-        bias=self.get_base_layer().bias,
-        bat_precision=_SETTINGS["bat_precision"],
-        cast=self._cast_input_dtype,
-        cache=getattr(self, "_bat_weight_cache", None),
-        linear=self.base_layer if backend is None and plain_linear(self.base_layer, args, kwargs) else None,
-    )
-    return serving.mixed_forward(view, x, names).to(previous_dtype)
+        return _core_mixed.forward(PeftLayerView(self), x, adapter_names, args, kwargs)
+    return _core_forward.forward(PeftLayerView(self), x, args, kwargs)
 
 
 @contextlib.contextmanager
@@ -182,8 +91,6 @@ def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
     an encoder keeps the unrepeated names)."""
     from peft.tuners.miss.layer import MissLayer
 
-    from . import serving
-
     adapter_names = kwargs.pop("adapter_names", None)
     if adapter_names is None:
         yield
@@ -192,14 +99,14 @@ def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
     known = {a for m in layers for a in m.miss_block}
     num_beams = kwargs.get("num_beams", None)
     fn = "PeftModel.forward"
-    names = serving.check_model_names(fn, adapter_names, known, self.training, num_beams)
-    handles = serving.register_hooks(layers, names)
+    names = check_model_names(fn, adapter_names, known, self.training, num_beams)
+    handles = register_hooks(layers, names)
     get_encoder = getattr(self.model, "get_encoder", None)
     encoder = get_encoder() if callable(get_encoder) else None
     if len(names) != len(adapter_names) and encoder is not None and encoder is not self.model:
         # Registered after the others, so these hooks have the last word on the encoder's layers.
-        original = serving.check_model_names(fn, adapter_names, known, self.training)
-        handles += serving.register_hooks([m for m in encoder.modules() if isinstance(m, MissLayer)], original)
+        original = check_model_names(fn, adapter_names, known, self.training)
+        handles += register_hooks([m for m in encoder.modules() if isinstance(m, MissLayer)], original)
     try:
         yield
     finally:
@@ -211,24 +118,12 @@ def _merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = 
     from peft.tuners.tuners_utils import check_adapters_to_merge
 
     names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.miss_block]
-    if not names:
-        return
-    merged = [(a, _variant(self, a)) for a in self.merged_adapters if a in self.miss_block]
-    steps, order = merge_steps(merged, [(a, _variant(self, a)) for a in names])
-    # Out of place, then set: a failed safe merge leaves the base weight as it was.
-    new = apply_steps(self.get_base_weight(), steps, self.miss_block, check_finite=safe_merge)
-    self.set_base_weight(new)
-    self.merged_adapters = order
+    if names:
+        _core_merge.merge(PeftLayerView(self), names, safe_merge)
 
 
 def _unmerge(self) -> None:
-    if not self.merged:
-        warnings.warn("Already unmerged. Nothing to do.")
-        return
-    merged = [(a, _variant(self, a)) for a in self.merged_adapters if a in self.miss_block]
-    new = apply_steps(self.get_base_weight(), unmerge_steps(merged), self.miss_block)
-    self.set_base_weight(new)
-    self.merged_adapters = []
+    _core_merge.unmerge(PeftLayerView(self))
 
 
 def _get_delta_weight(self, adapter, orig_weight, reverse: bool = False) -> torch.Tensor:
@@ -236,7 +131,7 @@ def _get_delta_weight(self, adapter, orig_weight, reverse: bool = False) -> torc
     block = self.miss_block[adapter]
     if reverse:
         return MF.bat_unmerge(orig_weight.detach(), block.detach()).to(block.dtype)
-    return delta_weight(orig_weight, block, "bat")
+    return _core_merge.delta_weight(orig_weight, block, "bat")
 
 
 def _get_delta_weight_miss(self, adapter, orig_weight, reverse: bool = False) -> torch.Tensor:
@@ -278,6 +173,7 @@ def patch(bat_precision: str = "base") -> None:
     model_cls = _peft_miss_model()
     _MODEL_ORIGINALS[_HOOKS] = model_cls.__dict__.get(_HOOKS, _ABSENT)
     setattr(model_cls, _HOOKS, _enable_peft_forward_hooks)
+    _SETTINGS["patched"] = True
 
 
 def unpatch() -> None:
@@ -296,6 +192,7 @@ def unpatch() -> None:
         else:
             setattr(model_cls, name, fn)
     _MODEL_ORIGINALS.clear()
+    _SETTINGS["patched"] = False
 
 
 @contextlib.contextmanager
@@ -339,6 +236,4 @@ def load_peft_adapter(model: nn.Module, path: str, adapter_name: str = "default"
     target already has adapter ``adapter_name`` (injected before, e.g. on the meta device and
     then materialised with ``to_empty``) with the checkpoint's shapes, the blocks are loaded into
     it instead. A model whose targets are still on the meta device is refused."""
-    from .model import load_adapter
-
     return load_adapter(model, path, adapter_name, into_existing=True)

@@ -1,0 +1,126 @@
+"""The forward of a MiSS layer with its active adapters: the one path that MissLinear and the
+patched PEFT layers both run (docs/MATH.md section 5)::
+
+    y = x W'^T + b + sum over active standard/mini adapters of their terms
+
+``W'`` is the base weight after every active BAT adapter's transform, in the order of the active
+list. One function per direction, each replaceable on its own: :func:`bat_output` (the BAT
+layer), :func:`additive_output` (the frozen layer plus the standard/mini terms).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+
+from . import _checks
+from . import functional as MF
+from ._ops_common import holds
+
+
+def forward(view, x: torch.Tensor, args, kwargs) -> torch.Tensor:
+    """``view``'s layer (see miss_ext._core_view) on ``x``; ``args``/``kwargs`` go to its base."""
+    terms = view.active_terms()
+    _checks.layer_input(view.fn, x, view.in_features, [block for block, _, _ in terms])
+    previous_dtype = x.dtype
+    if view.disabled and view.merged:
+        view.unmerge()  # only reachable if merge() was called while disabled (PEFT does this too)
+    if view.disabled or view.merged:
+        return view.base_layer(x, *args, **kwargs).to(previous_dtype)
+    bat = [block for block, variant, _ in terms if variant == "bat"]
+    base_out = None
+    if bat:
+        view.check_bat()
+        base_out = bat_output(x, view.base_weight(), view.bias, bat, view.bat_precision)
+        terms = [t for t in terms if t[1] != "bat"]
+    return additive_output(view, x, terms, args, kwargs, base_out).to(previous_dtype)
+
+
+def additive_output(
+    view,
+    x: torch.Tensor,
+    terms: Sequence[tuple[torch.Tensor, str, float]],
+    args=(),
+    kwargs=None,
+    base_out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``base_out`` (default: the base layer on ``x``) plus the standard/mini ``terms`` (block,
+    variant, dropout p already 0 outside training).
+
+    Without a given ``base_out``, when the base is a plain ``nn.Linear`` in x's dtype whose first
+    block has that dtype or a wider one (a float32 block on a bfloat16 layer), and no autocast,
+    that adapter runs fused with the base GEMM (``miss_linear``): same numbers, fewer passes over
+    the activations, only the ``N x r`` block sum kept for backward. ``x`` is cast to a block's
+    dtype only when that dtype cannot hold x's values; a wider block sums x into its own
+    precision directly (the same values as the cast, without the copy)."""
+    kwargs = kwargs or {}
+    if base_out is None:
+        linear = view.linear(args, kwargs) if terms else None
+        if (
+            linear is not None
+            and autocast_dtype(x) is None
+            and x.dtype == linear.weight.dtype
+            and holds(x.dtype, terms[0][0].dtype)
+        ):
+            (block, _, p), terms = terms[0], terms[1:]
+            base_out = MF.miss_linear(x, linear.weight, linear.bias, block, p, True)
+        else:
+            base_out = view.base(x, args, kwargs)
+    for block, variant, p in terms:
+        xi = x if holds(x.dtype, block.dtype) else view.cast(x, block.dtype)
+        # A dropout seed is drawn from torch's default generator only when dropout is live, so
+        # torch.manual_seed replays it.
+        term = MF.mini_forward if variant == "mini" else MF.miss_forward
+        base_out = term(xi, base_out, block, p, True)
+    return base_out
+
+
+def bat_output(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    blocks: Sequence[torch.Tensor],
+    precision: str = "base",
+) -> torch.Tensor:
+    """``x W'^T + b`` for BAT blocks composed in order, in the compute dtype :func:`bat_dtype`
+    picks. Blocks narrower than the compute dtype are cast up."""
+    dtype = bat_dtype(x, weight, blocks, precision)
+    x = x.to(dtype)
+    blocks = [b if holds(dtype, b.dtype) else b.to(dtype) for b in blocks]
+    # The BAT kernels call aten GEMMs internally; a live autocast would recast those and break
+    # the kernels' dtype contract, so the op runs with autocast off (the dtype is chosen above).
+    with autocast_off(x.device.type):
+        return MF.bat_linear(x, weight, bias, blocks)
+
+
+def bat_dtype(x: torch.Tensor, weight: torch.Tensor, blocks: Sequence[torch.Tensor], precision: str) -> torch.dtype:
+    """The dtype BAT's GEMMs run in (see miss_ext._core_variants.BAT_PRECISIONS): "base" runs
+    them in the dtype of x and the base weight (bf16 for a bf16 model), with ``W'`` formed in the
+    blocks' precision and rounded once; "promote" is PEFT's own promotion of the weight's and the
+    blocks' dtypes (fp32 GEMMs for fp32 blocks). Under autocast, like any linear layer, the
+    autocast dtype (the op is not autocast-aware, so the choice is explicit here)."""
+    dtype = autocast_dtype(x)
+    if dtype is None:
+        dtype = torch.promote_types(x.dtype, weight.dtype) if precision == "base" else weight.dtype
+        if precision != "base":
+            for b in blocks:
+                dtype = torch.promote_types(dtype, b.dtype)
+    return dtype
+
+
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    device_type = x.device.type
+    # Devices without autocast (meta) raise on the query itself; nothing can be autocast there.
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_off(device_type: str):
+    """``torch.autocast(device_type, enabled=False)``, or nothing on a device without autocast
+    (meta), where even a disabled autocast context raises."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

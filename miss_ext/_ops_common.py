@@ -1,0 +1,93 @@
+"""What the operator families share: the ``torch.ops.miss_ext`` handle, the argument rules their
+fake kernels apply (those of csrc/ops_front.cpp, with the same messages, so meta tensors,
+FakeTensor and torch.compile tracing reject exactly what the real kernels reject), the dtype
+relation ``holds`` and the autograd helper ``needs``."""
+
+import torch
+
+from ._checks import FLOATS
+
+ops = torch.ops.miss_ext
+LIB = "miss_ext::"
+
+
+def needs(ctx, i):
+    return ctx.needs_input_grad[i]
+
+
+def check_float(op, name, t):
+    torch._check(
+        t.dtype in FLOATS,
+        lambda: f"miss_ext.{op}: argument '{name}' must be float32, float64, bfloat16 or float16 "
+        f"(got {t.dtype}); cast it with .float() or .to(dtype)",
+    )
+
+
+def check_rank(op, name, r):
+    torch._check(r > 0, lambda: f"miss_ext.{op}: argument '{name}' (the block size r) must be a positive integer (got {r})")
+
+
+def check_dim(op, name, t, dim, shape):
+    torch._check(
+        t.dim() == dim,
+        lambda: f"miss_ext.{op}: argument '{name}' must be {dim}-D with shape {shape} (got {t.dim()}-D shape {tuple(t.shape)})",
+    )
+
+
+def same_dtype(op, name_a, a, name_b, b):
+    torch._check(
+        a.dtype == b.dtype,
+        lambda: f"miss_ext.{op}: arguments '{name_a}' ({a.dtype}) and '{name_b}' ({b.dtype}) must have "
+        f"the same dtype; cast one with .to(dtype)",
+    )
+
+
+def same_device(op, **tensors):
+    (first_name, first), *rest = [(k, v) for k, v in tensors.items() if v is not None]
+    for name, t in rest:
+        torch._check(
+            t.device == first.device,
+            lambda: f"miss_ext.{op}: arguments '{first_name}' (on {first.device}) and '{name}' "
+            f"(on {t.device}) must be on the same device; move one with .to(device)",
+        )
+
+
+def check_features_last(op, name, t, what):
+    torch._check(t.dim() >= 1, lambda: f"miss_ext.{op}: argument '{name}' must have at least 1 dimension ({what} last), got a scalar")
+
+
+def check_dropout(op, p, seed):
+    torch._check(0.0 <= p <= 1.0, lambda: f"miss_ext.{op}: argument 'p' (the dropout probability) must be in [0, 1] (got {p})")
+    torch._check(
+        seed.device.type == "cpu" and seed.dtype == torch.int64 and seed.numel() == 1,
+        lambda: f"miss_ext.{op}: argument 'seed' must be a CPU int64 tensor with one element; "
+        "draw one with miss_ext.functional.dropout_seed()",
+    )
+
+
+_WIDER = {torch.bfloat16: (torch.float32, torch.float64), torch.float16: (torch.float32, torch.float64),
+          torch.float32: (torch.float64,), torch.float64: ()}
+
+
+def holds(narrow, wide):
+    """Whether dtype ``wide`` holds every value of ``narrow`` (csrc/ops_front.cpp ``holds``)."""
+    return wide == narrow or wide in _WIDER.get(narrow, ())
+
+
+def check_holds(op, x_name, x, block):
+    torch._check(
+        holds(x.dtype, block.dtype),
+        lambda: f"miss_ext.{op}: argument 'block' ({block.dtype}) must have {x_name}'s dtype ({x.dtype}) or a "
+        "wider float that holds it (a float32 block on a bfloat16 base is the mixed-precision layer); cast one of them",
+    )
+
+
+def check_bias(op, bias, out_f):
+    """The optional bias of a linear op (csrc/ops_front.cpp checked_bias)."""
+    if bias is None:
+        return
+    check_float(op, "bias", bias)
+    torch._check(
+        bias.dim() == 1 and bias.shape[0] == out_f,
+        lambda: f"miss_ext.{op}: argument 'bias' must have shape (out_features,) = ({out_f},) (got {tuple(bias.shape)})",
+    )
