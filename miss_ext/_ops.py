@@ -20,13 +20,22 @@ def _needs(ctx, i):
 # tensors, FakeTensor and torch.compile tracing reject exactly what the real kernels reject.
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Dtypes as the C++ checks print them (c10::ScalarType names), so both kernels' messages agree.
+_CPP_DTYPE_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16", torch.float16: "Half",
+                    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+                    torch.bool: "Bool"}
+
+
+def _dt(dtype):
+    return _CPP_DTYPE_NAMES.get(dtype, str(dtype))
+
 
 
 def _check_float(op, name, t):
     torch._check(
         t.dtype in _FLOATS,
         lambda: f"miss_ext.{op}: argument '{name}' must be float32, float64, bfloat16 or float16 "
-        f"(got {t.dtype}); cast it with .float() or .to(dtype)",
+        f"(got {_dt(t.dtype)}); cast it with .float() or .to(dtype)",
     )
 
 
@@ -37,14 +46,14 @@ def _check_rank(op, name, r):
 def _check_dim(op, name, t, dim, shape):
     torch._check(
         t.dim() == dim,
-        lambda: f"miss_ext.{op}: argument '{name}' must be {dim}-D with shape {shape} (got {t.dim()}-D shape {tuple(t.shape)})",
+        lambda: f"miss_ext.{op}: argument '{name}' must be {dim}-D with shape {shape} (got {t.dim()}-D shape {list(t.shape)})",
     )
 
 
 def _same_dtype(op, name_a, a, name_b, b):
     torch._check(
         a.dtype == b.dtype,
-        lambda: f"miss_ext.{op}: arguments '{name_a}' ({a.dtype}) and '{name_b}' ({b.dtype}) must have "
+        lambda: f"miss_ext.{op}: arguments '{name_a}' ({_dt(a.dtype)}) and '{name_b}' ({_dt(b.dtype)}) must have "
         f"the same dtype; cast one with .to(dtype)",
     )
 
@@ -64,10 +73,10 @@ def _check_features_last(op, name, t, what):
 
 
 def _check_dropout(op, p, seed):
-    torch._check(0.0 <= p <= 1.0, lambda: f"miss_ext.{op}: argument 'p' (the dropout probability) must be in [0, 1] (got {p})")
+    torch._check(0.0 <= p <= 1.0, lambda: f"miss_ext.{op}: argument 'p' (the dropout probability) must be in [0, 1] (got {p:g})")
     torch._check(
         seed.device.type == "cpu" and seed.dtype == torch.int64 and seed.numel() == 1,
-        lambda: f"miss_ext.{op}: argument 'seed' must be a CPU int64 tensor with one element; "
+        lambda: f"miss_ext.{op}: argument 'seed' must be a CPU int64 tensor with one element (got {seed.type()} of shape {list(seed.shape)}); "
         "draw one with miss_ext.functional.dropout_seed()",
     )
 
@@ -86,7 +95,7 @@ def _widened(op, from_name, from_dtype, dtype):
         return from_dtype
     torch._check(
         holds(from_dtype, dtype),
-        lambda: f"miss_ext.{op}: argument 'dtype' ({dtype}) must be {from_name}'s dtype ({from_dtype}) or a "
+        lambda: f"miss_ext.{op}: argument 'dtype' ({_dt(dtype)}) must be {from_name}'s dtype ({_dt(from_dtype)}) or a "
         f"wider float (float32 or float64) that holds it",
     )
     return dtype
@@ -97,7 +106,7 @@ def _narrowed(op, s, dtype):
         return s.dtype
     torch._check(
         dtype in _FLOATS and holds(dtype, s.dtype),
-        lambda: f"miss_ext.{op}: argument 'dtype' ({dtype}) must be s's dtype ({s.dtype}) or a narrower float "
+        lambda: f"miss_ext.{op}: argument 'dtype' ({_dt(dtype)}) must be s's dtype ({_dt(s.dtype)}) or a narrower float "
         "that s's dtype holds (the tiled term is rounded once to it)",
     )
     return dtype
@@ -106,7 +115,7 @@ def _narrowed(op, s, dtype):
 def _check_holds(op, x_name, x, block):
     torch._check(
         holds(x.dtype, block.dtype),
-        lambda: f"miss_ext.{op}: argument 'block' ({block.dtype}) must have {x_name}'s dtype ({x.dtype}) or a "
+        lambda: f"miss_ext.{op}: argument 'block' ({_dt(block.dtype)}) must have {x_name}'s dtype ({_dt(x.dtype)}) or a "
         "wider float that holds it (a float32 block on a bfloat16 base is the mixed-precision layer); cast one of them",
     )
 
@@ -118,7 +127,7 @@ def _check_bias(op, bias, out_f):
     _check_float(op, "bias", bias)
     torch._check(
         bias.dim() == 1 and bias.shape[0] == out_f,
-        lambda: f"miss_ext.{op}: argument 'bias' must have shape (out_features,) = ({out_f},) (got {tuple(bias.shape)})",
+        lambda: f"miss_ext.{op}: argument 'bias' must have shape (out_features,) = ({out_f},) (got {list(bias.shape)})",
     )
 
 
@@ -131,11 +140,11 @@ def _check_bat(op, weight_name, weight, block):
     _check_dim(op, "block", block, 3, "(out_features / r, r, r)")
     r = block.shape[1]
     _check_rank(op, "block.shape[1]", r)
-    torch._check(block.shape[2] == r, lambda: f"miss_ext.{op}: argument 'block' must have shape (out_features / r, r, r) with square r x r blocks (got {tuple(block.shape)})")
+    torch._check(block.shape[2] == r, lambda: f"miss_ext.{op}: argument 'block' must have shape (out_features / r, r, r) with square r x r blocks (got {list(block.shape)})")
     torch._check(
         weight.shape[0] % r == 0 and weight.shape[1] % r == 0,
         lambda: f"miss_ext.{op}: BAT needs in_features and out_features divisible by r so the weight splits "
-        f"into r x r blocks (got {weight_name} shape {tuple(weight.shape)}, r = {r}); choose r dividing both",
+        f"into r x r blocks (got {weight_name} shape {list(weight.shape)}, r = {r}); choose r dividing both",
     )
     torch._check(block.shape[0] == weight.shape[0] // r, lambda: f"miss_ext.{op}: argument 'block' must have out_features / r = {weight.shape[0] // r} blocks along dim 0 (got {block.shape[0]})")
     return r
@@ -190,12 +199,12 @@ def _(base, s):
     _same_device(op, base=base, s=s)
     torch._check(
         holds(base.dtype, s.dtype),
-        lambda: f"miss_ext.{op}: argument 's' ({s.dtype}) must have base's dtype ({base.dtype}) or a wider float "
+        lambda: f"miss_ext.{op}: argument 's' ({_dt(s.dtype)}) must have base's dtype ({_dt(base.dtype)}) or a wider float "
         "that holds it (the sum is rounded once to base's dtype)",
     )
     torch._check(
         base.dim() >= 1 and base.dim() == s.dim() and base.shape[:-1] == s.shape[:-1],
-        lambda: f"miss_ext.{op}: arguments 'base' {tuple(base.shape)} and 's' {tuple(s.shape)} must have the same leading dimensions (only the last may differ)",
+        lambda: f"miss_ext.{op}: arguments 'base' {list(base.shape)} and 's' {list(s.shape)} must have the same leading dimensions (only the last may differ)",
     )
     _tile_fake(op, s, base.shape[-1])
     return base.new_empty(base.shape)
@@ -204,7 +213,7 @@ def _(base, s):
 @torch.library.register_fake(_LIB + "bat_transform")
 def _(weight, block, dtype=None):
     _check_bat("bat_transform", "weight", weight, block)
-    torch._check(dtype is None or dtype in _FLOATS, lambda: f"miss_ext.bat_transform: argument 'dtype' must be float32, float64, bfloat16 or float16 (got {dtype})")
+    torch._check(dtype is None or dtype in _FLOATS, lambda: f"miss_ext.bat_transform: argument 'dtype' must be float32, float64, bfloat16 or float16 (got {_dt(dtype)})")
     return weight.new_empty(weight.shape, dtype=dtype or block.dtype)
 
 
@@ -218,11 +227,11 @@ def _(grad, weight, blocks):
     _same_device(op, grad=grad, weight=weight)
     torch._check(
         grad.dim() >= 1 and grad.shape[-1] == weight.shape[0],
-        lambda: f"miss_ext.{op}: argument 'grad' must end in out_features = {weight.shape[0]} (got shape {tuple(grad.shape)})",
+        lambda: f"miss_ext.{op}: argument 'grad' must end in out_features = {weight.shape[0]} (got shape {list(grad.shape)})",
     )
     for b in blocks:
         _check_bat(op, "weight", weight, b)
-        torch._check(holds(grad.dtype, b.dtype), lambda: f"miss_ext.{op}: every block (got {b.dtype}) must have grad's dtype ({grad.dtype}) or a wider float that holds it")
+        torch._check(holds(grad.dtype, b.dtype), lambda: f"miss_ext.{op}: every block (got {_dt(b.dtype)}) must have grad's dtype ({_dt(grad.dtype)}) or a wider float that holds it (mixed precision: W' is formed in the block's precision and rounded once to grad's dtype); cast grad or the blocks")
     return grad.new_empty((*grad.shape[:-1], weight.shape[1]))
 
 
@@ -236,14 +245,14 @@ def _(grad, x, weight, r, dtype=None):
     _check_dim(op, "weight", weight, 2, "(out_features, in_features)")
     _check_rank(op, "r", r)
     out_f, in_f = weight.shape
-    torch._check(out_f % r == 0 and in_f % r == 0, lambda: f"miss_ext.{op}: BAT needs in_features and out_features divisible by r (got weight shape {tuple(weight.shape)}, r = {r})")
-    torch._check(grad.dim() >= 1 and grad.shape[-1] == out_f, lambda: f"miss_ext.{op}: argument 'grad' must end in out_features = {out_f} (got shape {tuple(grad.shape)})")
+    torch._check(out_f % r == 0 and in_f % r == 0, lambda: f"miss_ext.{op}: BAT needs in_features and out_features divisible by r (got weight shape {list(weight.shape)}, r = {r})")
+    torch._check(grad.dim() >= 1 and grad.shape[-1] == out_f, lambda: f"miss_ext.{op}: argument 'grad' must end in out_features = {out_f} (got shape {list(grad.shape)})")
     torch._check(
         x.dim() == grad.dim() and x.shape[-1] == in_f and x.shape[:-1] == grad.shape[:-1],
-        lambda: f"miss_ext.{op}: argument 'x' must have grad's leading dimensions and end in in_features = {in_f} (got x {tuple(x.shape)}, grad {tuple(grad.shape)})",
+        lambda: f"miss_ext.{op}: argument 'x' must have grad's leading dimensions and end in in_features = {in_f} (got x {list(x.shape)}, grad {list(grad.shape)})",
     )
     acc = dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
-    torch._check(acc in (torch.float32, torch.float64) and holds(x.dtype, acc), lambda: f"miss_ext.{op}: argument 'dtype' (the accumulation dtype) must be float32 or float64 and hold x's dtype (got {acc} for x of {x.dtype})")
+    torch._check(acc in (torch.float32, torch.float64) and holds(x.dtype, acc), lambda: f"miss_ext.{op}: argument 'dtype' (the accumulation dtype) must be float32 or float64 and hold x's dtype (got {_dt(acc)} for x of {_dt(x.dtype)})")
     return grad.new_empty((out_f // r, r, r), dtype=acc)
 
 
@@ -255,8 +264,8 @@ def _(grad, weight, r):
     _same_device(op, grad=grad, weight=weight)
     _check_dim(op, "grad", grad, 2, "(out_features, in_features)")
     _check_rank(op, "r", r)
-    torch._check(grad.shape == weight.shape, lambda: f"miss_ext.{op}: arguments 'grad' {tuple(grad.shape)} and 'weight' {tuple(weight.shape)} must have the same shape")
-    torch._check(grad.shape[0] % r == 0 and grad.shape[1] % r == 0, lambda: f"miss_ext.{op}: BAT needs in_features and out_features divisible by r (got shape {tuple(grad.shape)}, r = {r})")
+    torch._check(grad.shape == weight.shape, lambda: f"miss_ext.{op}: arguments 'grad' {list(grad.shape)} and 'weight' {list(weight.shape)} must have the same shape")
+    torch._check(grad.shape[0] % r == 0 and grad.shape[1] % r == 0, lambda: f"miss_ext.{op}: BAT needs in_features and out_features divisible by r (got shape {list(grad.shape)}, r = {r})")
     return grad.new_empty((grad.shape[0] // r, r, r))
 
 
@@ -276,13 +285,13 @@ def _(x, weight, bias, blocks):
     _same_device(op, x=x, weight=weight, bias=bias)
     torch._check(
         x.dim() >= 1 and x.shape[-1] == weight.shape[1],
-        lambda: f"miss_ext.{op}: argument 'x' must end in in_features = {weight.shape[1]} (got shape {tuple(x.shape)})",
+        lambda: f"miss_ext.{op}: argument 'x' must end in in_features = {weight.shape[1]} (got shape {list(x.shape)})",
     )
     for b in blocks:
         _check_bat(op, "weight", weight, b)
         torch._check(
             holds(x.dtype, b.dtype),
-            lambda: f"miss_ext.{op}: every block (got {b.dtype}) must have x's dtype ({x.dtype}) or a wider float that "
+            lambda: f"miss_ext.{op}: every block (got {_dt(b.dtype)}) must have x's dtype ({_dt(x.dtype)}) or a wider float that "
             "holds it (mixed precision: W' is formed in the block's precision and rounded once to x's dtype); cast x or the blocks",
         )
     _check_bias(op, bias, weight.shape[0])
@@ -302,13 +311,13 @@ def _(x, weight, bias, block, p, seed):
         _check_float(op, name, t)
     _check_dim(op, "weight", weight, 2, "(out_features, in_features)")
     _check_dim(op, "block", block, 2, "(r, out_features) or, for mini, (r, mini_r)")
-    torch._check(0.0 <= p <= 1.0, lambda: f"miss_ext.{op}: argument 'p' (the dropout probability) must be in [0, 1] (got {p})")
+    torch._check(0.0 <= p <= 1.0, lambda: f"miss_ext.{op}: argument 'p' (the dropout probability) must be in [0, 1] (got {p:g})")
     _same_device(op, x=x, weight=weight, block=block, bias=bias)
     _same_dtype(op, "x", x, "weight", weight)
     _check_holds(op, "x", x, block)
     out_f, in_f = weight.shape
     r, m = block.shape
-    torch._check(x.dim() >= 1 and x.shape[-1] == in_f, lambda: f"miss_ext.{op}: argument 'x' must end in in_features = {in_f} (got shape {tuple(x.shape)})")
+    torch._check(x.dim() >= 1 and x.shape[-1] == in_f, lambda: f"miss_ext.{op}: argument 'x' must end in in_features = {in_f} (got shape {list(x.shape)})")
     _check_rank(op, "block.shape[0]", r)
     torch._check(m > 0 and out_f % m == 0, lambda: f"miss_ext.{op}: out_features ({out_f}) must be divisible by block.shape[1] ({m}; out_features for standard MiSS, mini_r for mini)")
     if p > 0:
@@ -327,11 +336,11 @@ def _check_product(op, a_name, a, s, block):
     _check_dim(op, "block", block, 2, "(r, out_features)")
     torch._check(
         a.dim() >= 1 and a.dim() == s.dim() and a.shape[:-1] == s.shape[:-1],
-        lambda: f"miss_ext.{op}: arguments '{a_name}' {tuple(a.shape)} and 's' {tuple(s.shape)} must have the same leading dimensions",
+        lambda: f"miss_ext.{op}: arguments '{a_name}' {list(a.shape)} and 's' {list(s.shape)} must have the same leading dimensions",
     )
     torch._check(
         s.shape[-1] == block.shape[0] and a.shape[-1] == block.shape[1],
-        lambda: f"miss_ext.{op}: argument 'block' must have shape (s.shape[-1], {a_name}.shape[-1]) = ({s.shape[-1]}, {a.shape[-1]}) (got {tuple(block.shape)})",
+        lambda: f"miss_ext.{op}: argument 'block' must have shape (s.shape[-1], {a_name}.shape[-1]) = ({s.shape[-1]}, {a.shape[-1]}) (got {list(block.shape)})",
     )
 
 
@@ -373,7 +382,7 @@ def _(base, s, blocks, index):
     _same_device(op, base=base, s=s)
     torch._check(
         base.dim() >= 1 and base.dim() == s.dim() and base.shape[:-1] == s.shape[:-1],
-        lambda: f"miss_ext.{op}: arguments 'base' {tuple(base.shape)} and 's' {tuple(s.shape)} must have the same "
+        lambda: f"miss_ext.{op}: arguments 'base' {list(base.shape)} and 's' {list(s.shape)} must have the same "
         "leading dimensions (one block-sum row per output row)",
     )
     r, out_f = s.shape[-1], base.shape[-1]
@@ -389,11 +398,11 @@ def _(base, s, blocks, index):
             lambda: f"miss_ext.{op}: out_features ({out_f}) must be divisible by blocks[{k}].shape[1] ({b.shape[1]}; out_features for standard MiSS, mini_r for mini)",
         )
     _check_holds(op, "base", base, blocks[0])
-    torch._check(index.dtype == torch.int64, lambda: f"miss_ext.{op}: argument 'index' must be an int64 tensor (got {index.dtype}); build it with torch.tensor(..., dtype=torch.int64)")
+    torch._check(index.dtype == torch.int64, lambda: f"miss_ext.{op}: argument 'index' must be an int64 tensor (got {_dt(index.dtype)}); build it with torch.tensor(..., dtype=torch.int64)")
     _same_device(op, base=base, index=index)
     torch._check(
         index.shape == base.shape[:-1],
-        lambda: f"miss_ext.{op}: argument 'index' must have base's leading shape {tuple(base.shape[:-1])} (one adapter per output row), got {tuple(index.shape)}",
+        lambda: f"miss_ext.{op}: argument 'index' must have base's leading shape {tuple(base.shape[:-1])} (one adapter per output row), got {list(index.shape)}",
     )
     return base.new_empty(base.shape)
 
