@@ -6,6 +6,7 @@ docs/MATH.md section 3 (and 11.2 for mixed precision).
 import torch
 
 from ._ops_common import (
+    cpp_dtype,
     FLOATS,
     LIB,
     check_bias,
@@ -29,11 +30,11 @@ def _check_bat(op, weight_name, weight, block):
     check_dim(op, "block", block, 3, "(out_features / r, r, r)")
     r = block.shape[1]
     check_rank(op, "block.shape[1]", r)
-    torch._check(block.shape[2] == r, lambda: f"miss_ext.{op}: argument 'block' must have shape (out_features / r, r, r) with square r x r blocks (got {tuple(block.shape)})")
+    torch._check(block.shape[2] == r, lambda: f"miss_ext.{op}: argument 'block' must have shape (out_features / r, r, r) with square r x r blocks (got {list(block.shape)})")
     torch._check(
         weight.shape[0] % r == 0 and weight.shape[1] % r == 0,
         lambda: f"miss_ext.{op}: BAT needs in_features and out_features divisible by r so the weight splits "
-        f"into r x r blocks (got {weight_name} shape {tuple(weight.shape)}, r = {r}); choose r dividing both",
+        f"into r x r blocks (got {weight_name} shape {list(weight.shape)}, r = {r}); choose r dividing both",
     )
     torch._check(block.shape[0] == weight.shape[0] // r, lambda: f"miss_ext.{op}: argument 'block' must have out_features / r = {weight.shape[0] // r} blocks along dim 0 (got {block.shape[0]})")
     return r
@@ -50,7 +51,7 @@ def _slabs(t, r):
 @torch.library.register_fake(LIB + "bat_transform")
 def _(weight, block, dtype=None):
     _check_bat("bat_transform", "weight", weight, block)
-    torch._check(dtype is None or dtype in FLOATS, lambda: f"miss_ext.bat_transform: argument 'dtype' must be float32, float64, bfloat16 or float16 (got {dtype})")
+    torch._check(dtype is None or dtype in FLOATS, lambda: f"miss_ext.bat_transform: argument 'dtype' must be float32, float64, bfloat16 or float16 (got {cpp_dtype(dtype)})")
     return weight.new_empty(weight.shape, dtype=dtype or block.dtype)
 
 
@@ -89,8 +90,8 @@ def _(grad, weight, r):
     same_device(op, grad=grad, weight=weight)
     check_dim(op, "grad", grad, 2, "(out_features, in_features)")
     check_rank(op, "r", r)
-    torch._check(grad.shape == weight.shape, lambda: f"miss_ext.{op}: arguments 'grad' {tuple(grad.shape)} and 'weight' {tuple(weight.shape)} must have the same shape")
-    torch._check(grad.shape[0] % r == 0 and grad.shape[1] % r == 0, lambda: f"miss_ext.{op}: BAT needs in_features and out_features divisible by r (got shape {tuple(grad.shape)}, r = {r})")
+    torch._check(grad.shape == weight.shape, lambda: f"miss_ext.{op}: arguments 'grad' {list(grad.shape)} and 'weight' {list(weight.shape)} must have the same shape")
+    torch._check(grad.shape[0] % r == 0 and grad.shape[1] % r == 0, lambda: f"miss_ext.{op}: BAT needs in_features and out_features divisible by r (got shape {list(grad.shape)}, r = {r})")
     return grad.new_empty((grad.shape[0] // r, r, r))
 
 
@@ -133,14 +134,14 @@ def _(grad, x, weight, r, dtype=None):
     check_dim(op, "weight", weight, 2, "(out_features, in_features)")
     check_rank(op, "r", r)
     out_f, in_f = weight.shape
-    torch._check(out_f % r == 0 and in_f % r == 0, lambda: f"miss_ext.{op}: BAT needs in_features and out_features divisible by r (got weight shape {tuple(weight.shape)}, r = {r})")
-    torch._check(grad.dim() >= 1 and grad.shape[-1] == out_f, lambda: f"miss_ext.{op}: argument 'grad' must end in out_features = {out_f} (got shape {tuple(grad.shape)})")
+    torch._check(out_f % r == 0 and in_f % r == 0, lambda: f"miss_ext.{op}: BAT needs in_features and out_features divisible by r (got weight shape {list(weight.shape)}, r = {r})")
+    torch._check(grad.dim() >= 1 and grad.shape[-1] == out_f, lambda: f"miss_ext.{op}: argument 'grad' must end in out_features = {out_f} (got shape {list(grad.shape)})")
     torch._check(
         x.dim() == grad.dim() and x.shape[-1] == in_f and x.shape[:-1] == grad.shape[:-1],
-        lambda: f"miss_ext.{op}: argument 'x' must have grad's leading dimensions and end in in_features = {in_f} (got x {tuple(x.shape)}, grad {tuple(grad.shape)})",
+        lambda: f"miss_ext.{op}: argument 'x' must have grad's leading dimensions and end in in_features = {in_f} (got x {list(x.shape)}, grad {list(grad.shape)})",
     )
     acc = dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
-    torch._check(acc in (torch.float32, torch.float64) and holds(x.dtype, acc), lambda: f"miss_ext.{op}: argument 'dtype' (the accumulation dtype) must be float32 or float64 and hold x's dtype (got {acc} for x of {x.dtype})")
+    torch._check(acc in (torch.float32, torch.float64) and holds(x.dtype, acc), lambda: f"miss_ext.{op}: argument 'dtype' (the accumulation dtype) must be float32 or float64 and hold x's dtype (got {cpp_dtype(acc)} for x of {cpp_dtype(x.dtype)})")
     return grad.new_empty((out_f // r, r, r), dtype=acc)
 
 
@@ -220,13 +221,13 @@ def _(x, weight, bias, blocks):
     same_device(op, x=x, weight=weight, bias=bias)
     torch._check(
         x.dim() >= 1 and x.shape[-1] == weight.shape[1],
-        lambda: f"miss_ext.{op}: argument 'x' must end in in_features = {weight.shape[1]} (got shape {tuple(x.shape)})",
+        lambda: f"miss_ext.{op}: argument 'x' must end in in_features = {weight.shape[1]} (got shape {list(x.shape)})",
     )
     for b in blocks:
         _check_bat(op, "weight", weight, b)
         torch._check(
             holds(x.dtype, b.dtype),
-            lambda: f"miss_ext.{op}: every block (got {b.dtype}) must have x's dtype ({x.dtype}) or a wider float that "
+            lambda: f"miss_ext.{op}: every block (got {cpp_dtype(b.dtype)}) must have x's dtype ({cpp_dtype(x.dtype)}) or a wider float that "
             "holds it (mixed precision: W' is formed in the block's precision and rounded once to x's dtype); cast x or the blocks",
         )
     check_bias(op, bias, weight.shape[0])
@@ -313,11 +314,11 @@ def _(grad, weight, blocks):
     same_device(op, grad=grad, weight=weight)
     torch._check(
         grad.dim() >= 1 and grad.shape[-1] == weight.shape[0],
-        lambda: f"miss_ext.{op}: argument 'grad' must end in out_features = {weight.shape[0]} (got shape {tuple(grad.shape)})",
+        lambda: f"miss_ext.{op}: argument 'grad' must end in out_features = {weight.shape[0]} (got shape {list(grad.shape)})",
     )
     for b in blocks:
         _check_bat(op, "weight", weight, b)
-        torch._check(holds(grad.dtype, b.dtype), lambda: f"miss_ext.{op}: every block (got {b.dtype}) must have grad's dtype ({grad.dtype}) or a wider float that holds it")
+        torch._check(holds(grad.dtype, b.dtype), lambda: f"miss_ext.{op}: every block (got {cpp_dtype(b.dtype)}) must have grad's dtype ({cpp_dtype(grad.dtype)}) or a wider float that holds it (mixed precision: W' is formed in the block's precision and rounded once to grad's dtype); cast grad or the blocks")
     return grad.new_empty((*grad.shape[:-1], weight.shape[1]))
 
 

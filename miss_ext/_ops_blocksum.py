@@ -5,6 +5,7 @@ each op's fake kernel next to its autograd formula. docs/MATH.md sections 1, 2 a
 import torch
 
 from ._ops_common import (
+    cpp_dtype,
     FLOATS,
     LIB,
     check_dropout,
@@ -23,7 +24,7 @@ def _widened(op, from_name, from_dtype, dtype):
         return from_dtype
     torch._check(
         holds(from_dtype, dtype),
-        lambda: f"miss_ext.{op}: argument 'dtype' ({dtype}) must be {from_name}'s dtype ({from_dtype}) or a "
+        lambda: f"miss_ext.{op}: argument 'dtype' ({cpp_dtype(dtype)}) must be {from_name}'s dtype ({cpp_dtype(from_dtype)}) or a "
         f"wider float (float32 or float64) that holds it",
     )
     return dtype
@@ -34,7 +35,7 @@ def _narrowed(op, s, dtype):
         return s.dtype
     torch._check(
         dtype in FLOATS and holds(dtype, s.dtype),
-        lambda: f"miss_ext.{op}: argument 'dtype' ({dtype}) must be s's dtype ({s.dtype}) or a narrower float "
+        lambda: f"miss_ext.{op}: argument 'dtype' ({cpp_dtype(dtype)}) must be s's dtype ({cpp_dtype(s.dtype)}) or a narrower float "
         "that s's dtype holds (the tiled term is rounded once to it)",
     )
     return dtype
@@ -160,12 +161,12 @@ def _(base, s):
     same_device(op, base=base, s=s)
     torch._check(
         holds(base.dtype, s.dtype),
-        lambda: f"miss_ext.{op}: argument 's' ({s.dtype}) must have base's dtype ({base.dtype}) or a wider float "
+        lambda: f"miss_ext.{op}: argument 's' ({cpp_dtype(s.dtype)}) must have base's dtype ({cpp_dtype(base.dtype)}) or a wider float "
         "that holds it (the sum is rounded once to base's dtype)",
     )
     torch._check(
         base.dim() >= 1 and base.dim() == s.dim() and base.shape[:-1] == s.shape[:-1],
-        lambda: f"miss_ext.{op}: arguments 'base' {tuple(base.shape)} and 's' {tuple(s.shape)} must have the same leading dimensions (only the last may differ)",
+        lambda: f"miss_ext.{op}: arguments 'base' {list(base.shape)} and 's' {list(s.shape)} must have the same leading dimensions (only the last may differ)",
     )
     _tile_fake(op, s, base.shape[-1])
     return base.new_empty(base.shape)

@@ -10,6 +10,17 @@ from ._checks import FLOATS
 ops = torch.ops.miss_ext
 LIB = "miss_ext::"
 
+# Dtypes as the C++ checks print them (c10::ScalarType names), so both kernels' messages agree.
+_CPP_DTYPE_NAMES = {
+    torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16", torch.float16: "Half",
+    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+    torch.bool: "Bool",
+}
+
+
+def cpp_dtype(dtype):
+    return _CPP_DTYPE_NAMES.get(dtype, str(dtype))
+
 
 def needs(ctx, i):
     return ctx.needs_input_grad[i]
@@ -19,7 +30,7 @@ def check_float(op, name, t):
     torch._check(
         t.dtype in FLOATS,
         lambda: f"miss_ext.{op}: argument '{name}' must be float32, float64, bfloat16 or float16 "
-        f"(got {t.dtype}); cast it with .float() or .to(dtype)",
+        f"(got {cpp_dtype(t.dtype)}); cast it with .float() or .to(dtype)",
     )
 
 
@@ -30,14 +41,14 @@ def check_rank(op, name, r):
 def check_dim(op, name, t, dim, shape):
     torch._check(
         t.dim() == dim,
-        lambda: f"miss_ext.{op}: argument '{name}' must be {dim}-D with shape {shape} (got {t.dim()}-D shape {tuple(t.shape)})",
+        lambda: f"miss_ext.{op}: argument '{name}' must be {dim}-D with shape {shape} (got {t.dim()}-D shape {list(t.shape)})",
     )
 
 
 def same_dtype(op, name_a, a, name_b, b):
     torch._check(
         a.dtype == b.dtype,
-        lambda: f"miss_ext.{op}: arguments '{name_a}' ({a.dtype}) and '{name_b}' ({b.dtype}) must have "
+        lambda: f"miss_ext.{op}: arguments '{name_a}' ({cpp_dtype(a.dtype)}) and '{name_b}' ({cpp_dtype(b.dtype)}) must have "
         f"the same dtype; cast one with .to(dtype)",
     )
 
@@ -57,10 +68,10 @@ def check_features_last(op, name, t, what):
 
 
 def check_dropout(op, p, seed):
-    torch._check(0.0 <= p <= 1.0, lambda: f"miss_ext.{op}: argument 'p' (the dropout probability) must be in [0, 1] (got {p})")
+    torch._check(0.0 <= p <= 1.0, lambda: f"miss_ext.{op}: argument 'p' (the dropout probability) must be in [0, 1] (got {p:g})")
     torch._check(
         seed.device.type == "cpu" and seed.dtype == torch.int64 and seed.numel() == 1,
-        lambda: f"miss_ext.{op}: argument 'seed' must be a CPU int64 tensor with one element; "
+        lambda: f"miss_ext.{op}: argument 'seed' must be a CPU int64 tensor with one element (got {seed.type()} of shape {list(seed.shape)}); "
         "draw one with miss_ext.functional.dropout_seed()",
     )
 
@@ -77,7 +88,7 @@ def holds(narrow, wide):
 def check_holds(op, x_name, x, block):
     torch._check(
         holds(x.dtype, block.dtype),
-        lambda: f"miss_ext.{op}: argument 'block' ({block.dtype}) must have {x_name}'s dtype ({x.dtype}) or a "
+        lambda: f"miss_ext.{op}: argument 'block' ({cpp_dtype(block.dtype)}) must have {x_name}'s dtype ({cpp_dtype(x.dtype)}) or a "
         "wider float that holds it (a float32 block on a bfloat16 base is the mixed-precision layer); cast one of them",
     )
 
@@ -89,5 +100,5 @@ def check_bias(op, bias, out_f):
     check_float(op, "bias", bias)
     torch._check(
         bias.dim() == 1 and bias.shape[0] == out_f,
-        lambda: f"miss_ext.{op}: argument 'bias' must have shape (out_features,) = ({out_f},) (got {tuple(bias.shape)})",
+        lambda: f"miss_ext.{op}: argument 'bias' must have shape (out_features,) = ({out_f},) (got {list(bias.shape)})",
     )

@@ -5,6 +5,7 @@ docs/MATH.md section 12.
 import torch
 
 from ._ops_common import (
+    cpp_dtype,
     LIB,
     check_dim,
     check_float,
@@ -28,7 +29,7 @@ def _(base, s, blocks, index):
     same_device(op, base=base, s=s)
     torch._check(
         base.dim() >= 1 and base.dim() == s.dim() and base.shape[:-1] == s.shape[:-1],
-        lambda: f"miss_ext.{op}: arguments 'base' {tuple(base.shape)} and 's' {tuple(s.shape)} must have the same "
+        lambda: f"miss_ext.{op}: arguments 'base' {list(base.shape)} and 's' {list(s.shape)} must have the same "
         "leading dimensions (one block-sum row per output row)",
     )
     r, out_f = s.shape[-1], base.shape[-1]
@@ -44,11 +45,11 @@ def _(base, s, blocks, index):
             lambda: f"miss_ext.{op}: out_features ({out_f}) must be divisible by blocks[{k}].shape[1] ({b.shape[1]}; out_features for standard MiSS, mini_r for mini)",
         )
     check_holds(op, "base", base, blocks[0])
-    torch._check(index.dtype == torch.int64, lambda: f"miss_ext.{op}: argument 'index' must be an int64 tensor (got {index.dtype}); build it with torch.tensor(..., dtype=torch.int64)")
+    torch._check(index.dtype == torch.int64, lambda: f"miss_ext.{op}: argument 'index' must be an int64 tensor (got {cpp_dtype(index.dtype)}); build it with torch.tensor(..., dtype=torch.int64)")
     same_device(op, base=base, index=index)
     torch._check(
         index.shape == base.shape[:-1],
-        lambda: f"miss_ext.{op}: argument 'index' must have base's leading shape {tuple(base.shape[:-1])} (one adapter per output row), got {tuple(index.shape)}",
+        lambda: f"miss_ext.{op}: argument 'index' must have base's leading shape {tuple(base.shape[:-1])} (one adapter per output row), got {list(index.shape)}",
     )
     return base.new_empty(base.shape)
 

@@ -29,11 +29,11 @@ def _check_product(op, a_name, a, s, block):
     check_dim(op, "block", block, 2, "(r, out_features)")
     torch._check(
         a.dim() >= 1 and a.dim() == s.dim() and a.shape[:-1] == s.shape[:-1],
-        lambda: f"miss_ext.{op}: arguments '{a_name}' {tuple(a.shape)} and 's' {tuple(s.shape)} must have the same leading dimensions",
+        lambda: f"miss_ext.{op}: arguments '{a_name}' {list(a.shape)} and 's' {list(s.shape)} must have the same leading dimensions",
     )
     torch._check(
         s.shape[-1] == block.shape[0] and a.shape[-1] == block.shape[1],
-        lambda: f"miss_ext.{op}: argument 'block' must have shape (s.shape[-1], {a_name}.shape[-1]) = ({s.shape[-1]}, {a.shape[-1]}) (got {tuple(block.shape)})",
+        lambda: f"miss_ext.{op}: argument 'block' must have shape (s.shape[-1], {a_name}.shape[-1]) = ({s.shape[-1]}, {a.shape[-1]}) (got {list(block.shape)})",
     )
 
 
@@ -47,13 +47,13 @@ def _(x, weight, bias, block, p, seed):
         check_float(op, name, t)
     check_dim(op, "weight", weight, 2, "(out_features, in_features)")
     check_dim(op, "block", block, 2, "(r, out_features) or, for mini, (r, mini_r)")
-    torch._check(0.0 <= p <= 1.0, lambda: f"miss_ext.{op}: argument 'p' (the dropout probability) must be in [0, 1] (got {p})")
+    torch._check(0.0 <= p <= 1.0, lambda: f"miss_ext.{op}: argument 'p' (the dropout probability) must be in [0, 1] (got {p:g})")
     same_device(op, x=x, weight=weight, block=block, bias=bias)
     same_dtype(op, "x", x, "weight", weight)
     check_holds(op, "x", x, block)
     out_f, in_f = weight.shape
     r, m = block.shape
-    torch._check(x.dim() >= 1 and x.shape[-1] == in_f, lambda: f"miss_ext.{op}: argument 'x' must end in in_features = {in_f} (got shape {tuple(x.shape)})")
+    torch._check(x.dim() >= 1 and x.shape[-1] == in_f, lambda: f"miss_ext.{op}: argument 'x' must end in in_features = {in_f} (got shape {list(x.shape)})")
     check_rank(op, "block.shape[0]", r)
     torch._check(m > 0 and out_f % m == 0, lambda: f"miss_ext.{op}: out_features ({out_f}) must be divisible by block.shape[1] ({m}; out_features for standard MiSS, mini_r for mini)")
     if p > 0:

@@ -16,7 +16,7 @@ from conftest import assert_close
 peft = pytest.importorskip("peft")
 from peft import MissConfig, PeftModel, get_peft_model  # noqa: E402
 
-import _tiny_llama as T  # noqa: E402
+import _models as T  # noqa: E402
 
 IDS = T.batch(n=3)
 

@@ -80,11 +80,10 @@ def test_targets_match_peft(targets):
 
 
 def test_all_linear_skips_output_head_of_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import _models
 
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2)
-    model = LlamaForCausalLM(cfg)
+    # No reseed: the weights come from the per-test seed, as they always have.
+    model = _models.build(seed=None, **dict(_models.SMALL, num_hidden_layers=1, max_position_embeddings=2048))
     wanted = peft_targets(model, "all-linear")
     miss_ext.inject(model, "all-linear", r=8, init_weights="bat")
     names = sorted(n for n, _ in miss_layers(model))

@@ -13,6 +13,8 @@ from peft import MissConfig, get_peft_model  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
+import _models  # noqa: E402
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 INIT = {"standard": True, "mini": "mini", "bat": "bat"}
 LR = {"standard": 1e-2, "mini": 1e-2, "bat": 3e-3}
@@ -21,12 +23,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def base_model():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return _models.build(seed=0, **_models.SMALL).eval()
 
 
 def train(model, steps=STEPS, lr=1e-2):

@@ -184,3 +184,108 @@ def test_merge_errors():
         ours.delete_adapter("default")
     with pytest.raises(ValueError, match="is merged"):
         ours.update_layer("default", 8)
+
+
+# ---------------------------------------------------------------- round trips (issue #6)
+# merge then unmerge restores the base weight, every variant and dtype, within
+# ``ONE_CYCLE_BOUND[variant] * eps(dtype) * scale`` where ``scale = max(|W| + |dW|)``; 100
+# merge/unmerge cycles stay within ``CYCLES_BOUND[variant] * eps(dtype) * scale`` (the drift is
+# printed; run with ``-s`` to see it).
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+# (weight dtype, fp32 blocks): every dtype with blocks of its own dtype, and the half types with
+# MissLinear's default float32 blocks.
+CONFIGS = [(d, False) for d in DTYPES] + [(torch.bfloat16, True), (torch.float16, True)]
+CONFIG_IDS = [f"{str(d).split('.')[-1]}{'-fp32blocks' if f else ''}" for d, f in CONFIGS]
+
+# Bounds in units of eps(dtype) * max(|W| + |dW|), for blocks ~ N(0, 0.05^2) and r = 8 (so every
+# I + B_i of BAT is well conditioned, cond < 3).
+# Standard/mini: merge and unmerge each round once to the weight's dtype (computed in fp32/fp64):
+# at most eps/2 each. BAT: the transform and the fp32 solve add a few roundings, times cond(I+B).
+# Measured (this machine, shapes below): standard/mini <= 0.27, BAT <= 0.9 for one cycle.
+ONE_CYCLE_BOUND = {"standard": 1.0, "mini": 1.0, "bat": 4.0}
+# 100 cycles. Standard/mini: W -> round(round(W + dW) - dW) reaches a fixed point after the first
+# cycle, so the drift does not grow (measured: identical to one cycle, <= 0.27). BAT: the
+# transform + solve round trip is not idempotent; its rounding errors at nearly the same weight
+# are correlated, so the drift grows about linearly (measured after 100 cycles: 78 fp64, 64 fp32,
+# <= 6.6 for the half types, whose coarse rounding is mostly idempotent), so the bound is 100
+# times a per-cycle 2.
+CYCLES_BOUND = {"standard": 1.0, "mini": 1.0, "bat": 200.0}
+
+
+def _make_layer(variant, dtype, in_f=100, out_f=64, r=8, seed=0, fp32_blocks=False):
+    """``fp32_blocks``: keep MissLinear's default float32 blocks on a half-precision base
+    (PEFT's get_peft_model default) instead of casting everything to ``dtype``."""
+    torch.manual_seed(seed)
+    if variant == "bat":
+        in_f = in_f - in_f % r  # BAT needs in % r == 0; standard/mini keep in % r != 0
+    base = nn.Linear(in_f, out_f, dtype=dtype)
+    kw = {"mini_r": 16} if variant == "mini" else {}
+    layer = miss_ext.MissLinear(base, r=r, init_weights=INIT[variant], **kw)
+    if not fp32_blocks:
+        layer.to(dtype)
+    assert layer.base_layer.weight.dtype == dtype
+    with torch.no_grad():
+        for b in layer.miss_block.values():
+            b.copy_(torch.randn(b.shape, dtype=torch.float64) * 0.05)
+    return layer
+
+
+def _scale(layer):
+    w = layer.base_layer.weight.detach().double()
+    dw = layer.get_delta_weight("default").detach().double()
+    return float((w.abs() + dw.abs()).max())
+
+
+@pytest.mark.parametrize("dtype,fp32_blocks", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("variant", ["standard", "mini", "bat"])
+def test_merge_unmerge_restores_weight(variant, dtype, fp32_blocks):
+    layer = _make_layer(variant, dtype, fp32_blocks=fp32_blocks)
+    w0 = layer.base_layer.weight.detach().clone()
+    x = torch.randn(7, layer.in_features, dtype=dtype)
+    y_unmerged = layer(x).detach()
+    scale = _scale(layer)
+    layer.merge()
+    assert layer.merged
+    # While merged, the forward is the base layer alone and gives the same output.
+    assert_close(layer(x).detach(), y_unmerged.double(), dtype=dtype, scale=scale * layer.in_features ** 0.5)
+    layer.unmerge()
+    assert not layer.merged
+    err = float((layer.base_layer.weight.double() - w0.double()).abs().max())
+    bound = ONE_CYCLE_BOUND[variant] * torch.finfo(dtype).eps * scale
+    print(f"\n[merge/unmerge] {variant:8s} {str(dtype):15s}{' fp32 blocks' if fp32_blocks else ''} max|W - W0| = {err:.3e}  "
+          f"({err / (torch.finfo(dtype).eps * scale):.3f} eps*scale, bound {ONE_CYCLE_BOUND[variant]})")
+    assert err <= bound, (err, bound)
+
+
+@pytest.fixture
+def one_thread():
+    """The 100 cycles run on one intra-op thread: the results are thread-count independent
+    (test_threads.py checks bat_transform/bat_unmerge/miss_merge bit for bit), and on
+    an oversubscribed 2-core machine every 2-thread OpenMP region waits for a scheduler slice
+    (measured there: 8 ms for a tiny torch.bmm, 130 ms for the batched LU of bat_unmerge's solve,
+    vs 0.01-0.1 ms on one thread), which would make 1800 merges/unmerges take a minute."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("dtype,fp32_blocks", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("variant", ["standard", "mini", "bat"])
+def test_hundred_merge_unmerge_cycles(variant, dtype, fp32_blocks, one_thread):
+    layer = _make_layer(variant, dtype, seed=1, fp32_blocks=fp32_blocks)
+    w0 = layer.base_layer.weight.detach().clone()
+    scale = _scale(layer)
+    unit = torch.finfo(dtype).eps * scale
+    drift = []
+    for cycle in range(100):
+        layer.merge()
+        layer.unmerge()
+        if cycle in (0, 9, 99):
+            drift.append(float((layer.base_layer.weight.double() - w0.double()).abs().max()))
+    print(f"\n[100 cycles] {variant:8s} {str(dtype):15s}{' fp32 blocks' if fp32_blocks else ''} drift after 1/10/100 cycles: "
+          + " / ".join(f"{d:.3e} ({d / unit:.2f} eps*scale)" for d in drift)
+          + f"  bound {CYCLES_BOUND[variant]} eps*scale")
+    assert drift[-1] <= CYCLES_BOUND[variant] * unit, drift
+    assert torch.isfinite(layer.base_layer.weight).all()

@@ -11,7 +11,7 @@
   ``from_pretrained(low_cpu_mem_usage=True)`` then inject or patched PEFT.
 
 The FSDP2 flow (meta build, inject, fully_shard, to_empty, load, train on 2 processes) is in
-tests/test_reliability_distributed.py.
+tests/test_distributed.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import nn
 import miss_ext
 import miss_ext.peft as mp
 
-import _tiny_llama as tl
+import _models as tl
 
 from peft import MissConfig, get_peft_model, set_peft_model_state_dict  # noqa: E402
 

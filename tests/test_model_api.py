@@ -19,6 +19,8 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from peft import MissConfig, PeftModel, get_peft_model  # noqa: E402
 
+import _models  # noqa: E402
+
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 INIT = {"standard": True, "mini": "mini", "bat": "bat"}
 API = ["inject", "set_adapter", "adapters_disabled", "merge_adapters", "unmerge_adapters",
@@ -27,12 +29,7 @@ API = ["inject", "set_adapter", "adapters_disabled", "merge_adapters", "unmerge_
 
 @pytest.fixture(scope="module")
 def llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return _models.build(seed=0, vocab_size=96).eval()
 
 
 IDS = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(3))

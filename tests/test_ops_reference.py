@@ -178,3 +178,51 @@ def test_fused_linear_matches_unfused(device, dtype, m, p):
     ref.backward(g)
     assert_close(x.grad, x64.grad, dtype, 10.0)
     assert_close(block.grad, b64.grad, dtype, 30.0)
+
+
+# ---------------------------------------------------------------- > 2^31 elements
+
+
+def _mem_available_gb() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_mem_available_gb() < 12, reason="needs >= 12 GB MemAvailable for a 4.3 GB float16 tensor")
+def test_indexing_past_2_31_elements():
+    """blocksum over an (N, in) float16 input of 2^31 + 2^16 elements, and tile producing one.
+
+    x[n, k] = a(n) + b(k) with a(n) small integers that identify the row and b(k) quarter steps
+    (exact in float16), written in one broadcast pass. Then
+    S[n, c] = cnt(c) * a(n) + sum_j b(j*r + c), cheap to compute independently; rows past
+    2^31 / in (elements past 2^31) have their own a(n), so a 32-bit index overflow shows.
+    """
+    n_rows, in_f, r = 2**15 + 1, 2**16, 4096  # 2^31 + 2^16 elements, cnt(c) = 16
+    assert n_rows * in_f > 2**31
+    a = ((torch.arange(n_rows) * 37) % 201 - 100).to(torch.float16)  # integers in [-100, 100]
+    b = (((torch.arange(in_f) * 7) % 5 - 2) * 0.25).to(torch.float16)  # {-0.5, ..., 0.5}
+    x = torch.empty(n_rows, in_f, dtype=torch.float16)
+    torch.add(a[:, None], b[None, :], out=x)  # one broadcast pass: no second big tensor
+    s = ops.blocksum(x, r)
+    del x
+    cnt = in_f // r
+    expected = cnt * a.double()[:, None] + b.double().view(cnt, r).sum(0)[None, :]
+    assert_close(s, expected, dtype=torch.float16, scale=float(expected.abs().max()))
+    # The last rows (all elements past 2^31) on their own, exactly.
+    tail = slice(2**31 // in_f, n_rows)
+    assert torch.equal(s[tail].double(), expected[tail].to(torch.float16).double())
+
+    # tile writing past 2^31: out[n, k] = s[n, k % r]; check rows at both ends and past 2^31.
+    small = a[:, None].expand(n_rows, r).contiguous() + b[:r]
+    out = ops.tile(small, in_f)
+    assert out.shape == (n_rows, in_f) and out.numel() > 2**31
+    for row in (0, 1, 2**31 // in_f - 1, 2**31 // in_f, n_rows - 1):
+        assert torch.equal(out[row], small[row].repeat(cnt)), row
+    assert torch.equal(out[-1, -r:], small[-1])

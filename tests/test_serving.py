@@ -246,7 +246,7 @@ def test_compile_mixed_batch():
 
 @pytest.fixture(scope="module")
 def tiny():
-    import _tiny_llama as T
+    import _models as T
 
     return T
 

@@ -32,7 +32,7 @@ import miss_ext  # noqa: E402
 import miss_ext.peft as mp  # noqa: E402
 from peft import MissConfig, get_peft_model  # noqa: E402
 
-from _setups_models import TARGETS, VARIANTS, load, miss_kwargs, randomize_blocks, save_tiny_llama, token_batch  # noqa: E402
+from _models import PROJECTIONS as TARGETS, VARIANT_NAMES as VARIANTS, load, miss_kwargs, randomize_all_blocks as randomize_blocks, save_tiny_llama, token_batch  # noqa: E402
 
 STEPS = 3
 LR = {"standard": 3e-3, "mini": 1e-2, "bat": 1e-3}  # each variant's loss drops by > 5 * TOL

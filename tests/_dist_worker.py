@@ -1,13 +1,13 @@
-"""Worker of tests/test_reliability_distributed.py: trains small two-layer MiSS models under
+"""Worker of tests/test_distributed.py: trains small two-layer MiSS models under
 DDP or FSDP2 in one process of a gloo (CPU, localhost) process group.
 
-Run as ``python tests/_rel_dist_worker.py MODE OUT_PATH`` with RANK, WORLD_SIZE, MASTER_ADDR
+Run as ``python tests/_dist_worker.py MODE OUT_PATH`` with RANK, WORLD_SIZE, MASTER_ADDR
 and MASTER_PORT in the environment (MODE: ``ddp``, ``fsdp2`` or ``fsdp2_meta``). Every variant
 is trained in turn on the shards of the same global batches; rank 0 saves the final full
 parameters of each variant to OUT_PATH. The single-process references (``train_single``,
 ``train_llama_single``) share the code.
 
-``fsdp2_meta`` is the big-model flow (issue #13) on the tiny Llama of tests/_tiny_llama.py:
+``fsdp2_meta`` is the big-model flow (issue #13) on the tiny Llama of tests/_models.py:
 built on the meta device, injected, ``fully_shard`` per decoder layer and the root,
 ``to_empty``, adapters reset to their init, then the base weights (the plain model's state
 dict) and the trained blocks each loaded with torch.distributed.checkpoint's
@@ -79,7 +79,7 @@ LLAMA_STEPS = 3
 
 def build_llama(variant: str) -> nn.Module:
     """The in-memory build: CPU Llama, injected, blocks as a trained checkpoint has them."""
-    import _tiny_llama as tl
+    import _models as tl
 
     model = tl.build("cpu")
     miss_ext.inject(model, tl.TARGETS, r=tl.R, **tl.VARIANTS[variant])
@@ -88,7 +88,7 @@ def build_llama(variant: str) -> nn.Module:
 
 
 def _train_llama(model, rank: int, world: int) -> None:
-    import _tiny_llama as tl
+    import _models as tl
 
     opt = _optimizer(model)
     for step in range(LLAMA_STEPS):
@@ -106,7 +106,7 @@ def train_llama_single(variant: str) -> dict:
 
 
 def _fsdp2_meta_llama(variant: str, rank: int, world: int) -> dict:
-    import _tiny_llama as tl
+    import _models as tl
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
 

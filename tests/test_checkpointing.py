@@ -21,7 +21,7 @@ import miss_ext  # noqa: E402
 import miss_ext.peft as mp  # noqa: E402
 from peft import MissConfig, get_peft_model  # noqa: E402
 
-from _setups_models import TARGETS, load, miss_kwargs, randomize_blocks, save_tiny_llama, token_batch  # noqa: E402
+from _models import PROJECTIONS as TARGETS, load, miss_kwargs, randomize_all_blocks as randomize_blocks, save_tiny_llama, token_batch  # noqa: E402
 
 P = 0.2
 

@@ -1,4 +1,4 @@
-"""Hypothesis profiles and strategies shared by the reliability tests.
+"""Hypothesis profiles and strategies shared by the property-based operator tests (tests/test_ops_properties.py).
 
 Profiles (select with the environment variable ``MISS_EXT_HYPOTHESIS_PROFILE``):
 

@@ -28,7 +28,7 @@ import miss_ext.peft as mp  # noqa: E402
 from miss_ext.inject import adapters_disabled, miss_layers  # noqa: E402
 from peft import MissConfig, get_peft_model  # noqa: E402
 
-from _setups_models import TARGETS, VARIANTS, load, miss_kwargs, randomize_blocks, save_tiny_llama, token_batch  # noqa: E402
+from _models import PROJECTIONS as TARGETS, VARIANT_NAMES as VARIANTS, load, miss_kwargs, randomize_all_blocks as randomize_blocks, save_tiny_llama, token_batch  # noqa: E402
 
 QUANTS = ["bnb-4bit", "bnb-8bit", "torchao-int8wo"]
 STEPS = 3

@@ -1,4 +1,5 @@
-"""Determinism and threads (issue #6).
+"""Determinism and threads (issue #6). The per-op calls come from the per-op case table
+(tests/_op_cases.py, ``threads``).
 
 * Every CPU kernel gives bit-identical results run to run, and with 1 vs 2 intra-op threads
   (torch.set_num_threads; restored after). Inputs are sized so the work really is split across
@@ -21,8 +22,7 @@ from torch import nn
 
 import miss_ext
 
-ops = torch.ops.miss_ext
-SEED = torch.tensor([12345], dtype=torch.int64)
+from _op_cases import params, thread_inputs
 
 
 @pytest.fixture
@@ -32,47 +32,6 @@ def restore_threads():
     torch.set_num_threads(n)
 
 
-def _inputs(dtype):
-    g = torch.Generator().manual_seed(3)
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
-    return dict(
-        x=rnd(1024, 300),  # row grain 2^16 / 300 = 218 rows: 5 tasks
-        s=rnd(1024, 7),
-        w=rnd(128, 1280),  # BAT, r = 16: 8 slabs x 3 chunks of 512 rows
-        b=rnd(8, 16, 16) * 0.05,
-        g=rnd(128, 1280),
-        blk=rnd(16, 32),  # mini block for the (128, 1280) weight
-    )
-
-
-KERNELS = {
-    "blocksum": lambda t: ops.blocksum(t["x"], 13),
-    "blocksum_dropout": lambda t: ops.blocksum_dropout(t["x"], 13, 0.3, SEED),
-    "tile": lambda t: ops.tile(t["s"], 300),
-    "tile_dropout": lambda t: ops.tile_dropout(t["s"], 300, 0.3, SEED),
-    "tile_add": lambda t: ops.tile_add(t["x"], t["s"]),
-    "bat_transform": lambda t: ops.bat_transform(t["w"], t["b"]),
-    "bat_block_grad": lambda t: ops.bat_block_grad(t["g"], t["w"], 16),
-    "bat_weight_grad": lambda t: ops.bat_weight_grad(t["g"], t["b"]),
-    "bat_unmerge": lambda t: ops.bat_unmerge(t["w"], t["b"]),
-    "miss_merge": lambda t: ops.miss_merge(t["w"], t["blk"], -1.0),
-    "bat_io_block_grad": lambda t: ops.bat_io_block_grad(t["x"][:, :128].contiguous(), t["x"][:, :160].contiguous(),
-                                                         t["w"][:, :160].contiguous(), 16),
-    "miss_add_product": lambda t: ops.miss_add_product(t["x"][:, :32].contiguous(), t["s"][:, :4].float(),
-                                                       t["blk"][:4].float()),
-    "miss_block_grads": lambda t: torch.cat([o.flatten() for o in ops.miss_block_grads(
-        t["x"][:, :32].contiguous(), t["s"][:, :4].float(), t["blk"][:4].float())]),
-    "bat_transform-mixed": lambda t: ops.bat_transform(t["w"], t["b"].float(), t["w"].dtype),
-}
-
-# Ops that end in the frozen layer's vendor GEMM: (op, the shapes (m, k, n) of that GEMM).
-COMPOSITES = {
-    "bat_linear": (lambda t: ops.bat_linear(t["x"].new_ones(64, 1280), t["w"], None, [t["b"]]), (64, 1280, 128)),
-    "miss_linear": (lambda t: torch.cat([o.flatten() for o in ops.miss_linear(t["g"][:, :300].contiguous(), t["x"][:128], None, t["blk"], 0.3, SEED)]),
-                    (128, 300, 1024)),
-}
-
-
 def _runs(fn, t):
     torch.set_num_threads(2)
     first, again = fn(t), fn(t)
@@ -80,25 +39,29 @@ def _runs(fn, t):
     return first, again, fn(t)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", list(KERNELS))
-def test_kernels_bit_identical_runs_and_threads(name, dtype, restore_threads):
-    first, again, single = _runs(KERNELS[name], _inputs(dtype))
-    assert torch.equal(first, again), f"{name}: two runs differ"
-    assert torch.equal(first, single), f"{name}: 1 thread and 2 threads differ"
+def _kernel_params(vendor_gemm):
+    return [p for p in params("threads") if (p.values[1].vendor_gemm is not None) == vendor_gemm]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", list(COMPOSITES))
-def test_layer_ops_bit_identical_runs_and_threads_as_vendor_gemm(name, dtype, restore_threads):
-    fn, (m, k, n) = COMPOSITES[name]
-    first, again, single = _runs(fn, _inputs(dtype))
-    assert torch.equal(first, again), f"{name}: two runs differ"
+@pytest.mark.parametrize("op,case", _kernel_params(False))
+def test_kernels_bit_identical_runs_and_threads(op, case, dtype, restore_threads):
+    first, again, single = _runs(case.run, thread_inputs(dtype))
+    assert torch.equal(first, again), f"{case.id}: two runs differ"
+    assert torch.equal(first, single), f"{case.id}: 1 thread and 2 threads differ"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op,case", _kernel_params(True))
+def test_layer_ops_bit_identical_runs_and_threads_as_vendor_gemm(op, case, dtype, restore_threads):
+    (m, k, n) = case.vendor_gemm
+    first, again, single = _runs(case.run, thread_inputs(dtype))
+    assert torch.equal(first, again), f"{case.id}: two runs differ"
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(*s, generator=g).to(dtype) for s in ((m, k), (k, n)))
     plain = _runs(lambda _: a @ b, None)
     if torch.equal(plain[0], plain[2]):
-        assert torch.equal(first, single), f"{name}: 1 thread and 2 threads differ (torch.mm of its shape does not)"
+        assert torch.equal(first, single), f"{case.id}: 1 thread and 2 threads differ (torch.mm of its shape does not)"
 
 
 def _layers():

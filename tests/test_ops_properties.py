@@ -14,7 +14,7 @@ absolute values, in float64). Every op here is a sum of products, so that run is
 sum of the magnitudes of the terms: the rounding-error bound of the computation, which scales
 atol with the magnitude of the values. bat_unmerge (a solve) uses the magnitude of its result.
 
-Examples per test: ``examples(N)`` from tests/_rel_hypothesis.py (N in the default ``ci``
+Examples per test: ``examples(N)`` from tests/_strategies.py (N in the default ``ci``
 profile, 20 N with ``MISS_EXT_HYPOTHESIS_PROFILE=thorough``).
 """
 
@@ -31,7 +31,7 @@ import miss_ext
 from miss_ext import reference as ref
 from miss_ext.functional import dropout_seed
 
-from _rel_hypothesis import DTYPES, FEATURES, LAYOUTS, LEAD, TOKENS, examples, magnitudes, make_tensor
+from _strategies import DTYPES, FEATURES, LAYOUTS, LEAD, TOKENS, examples, magnitudes, make_tensor
 from conftest import DEVICES, TOLERANCES, assert_close
 
 ops = torch.ops.miss_ext
@@ -478,7 +478,7 @@ def test_profile_is_selectable():
     """The default profile is the fast ci one; the env var switches to thorough."""
     import os
 
-    from _rel_hypothesis import PROFILE
+    from _strategies import PROFILE
 
     assert PROFILE == os.environ.get("MISS_EXT_HYPOTHESIS_PROFILE", "ci")
     assert TOLERANCES  # the per-dtype table is conftest's, not redefined here

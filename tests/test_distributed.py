@@ -13,7 +13,7 @@ weights must be untouched.
   injected, fully_shard per decoder layer and the root, to_empty, loaded (base + blocks), a few
   steps; it must match single-process training of the same model built in memory.
 
-The workers (tests/_rel_dist_worker.py) are started with subprocess, MASTER_ADDR=127.0.0.1 and
+The workers (tests/_dist_worker.py) are started with subprocess, MASTER_ADDR=127.0.0.1 and
 a free port, one thread each; both runs take a few seconds per process start.
 """
 
@@ -29,7 +29,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import _rel_dist_worker as worker
+import _dist_worker as worker
 from conftest import assert_close
 
 HERE = Path(__file__).resolve().parent
@@ -56,7 +56,7 @@ def _launch(mode: str, out: Path) -> dict:
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(port), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
             procs.append(subprocess.Popen(
-                [sys.executable, str(HERE / "_rel_dist_worker.py"), mode, str(out)],
+                [sys.executable, str(HERE / "_dist_worker.py"), mode, str(out)],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             ))
         logs = []
