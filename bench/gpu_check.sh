@@ -9,11 +9,13 @@
 #   3. the other CUDA test cases:  pytest -q tests -k 'cuda and not cuda_emulation and not
 #      test_ops_parity' (no -x: one run reports every failure; the CPU emulation of the
 #      kernels is left to CI),
-#   4. the benchmarks:       python -m bench --device cuda, and --suite llm in bfloat16
-#      (a failure there is reported, not fatal).
+#   4. the benchmarks, model level first: python -m bench train --device cuda (the training
+#      step x the frozen model's, bf16 Llama with fp32 blocks, all-linear and q/v, autocast off
+#      and on), then python -m bench --device cuda and --suite llm in bfloat16 (a failure there
+#      is reported, not fatal).
 # Everything goes to $OUT when it is set, else to bench/results/gpu_check/: build.log,
 # info.log, parity.log, parity.xml (JUnit), tests.log, tests.xml (JUnit), bench.log/.csv/.png (the default table),
-# bench_llm.log/.csv (the LLM-shape table), summary.txt (one line per step). Each step has a
+# train_step.log/.csv (the model-level step table), bench_llm.log/.csv (the LLM-shape table), summary.txt (one line per step). Each step has a
 # timeout and the whole run stays under 8 minutes. Exit status: non-zero when the build, the
 # parity sweep or the tests fail.
 #
@@ -109,16 +111,16 @@ run_step "kernel parity" 90 "$LOGS/parity.log" bash -c "$PARITY" || STATUS=1
 run_step "pytest -k cuda" 180 "$LOGS/tests.log" \
   "$PY" -m pytest -q -rfE tests -k 'cuda and not cuda_emulation and not test_ops_parity' --junitxml "$LOGS/tests.xml" || STATUS=1
 
-# --- benchmark (informative; its failure does not fail the check) -------------------------------
-bench_args=(--device cuda --no-progress --csv "$LOGS/bench.csv" --png "$LOGS/bench.png")
-if ! run_step "bench" 200 "$LOGS/bench.log" "$PY" -m bench "${bench_args[@]}"; then
-  log "the benchmark did not complete; see $LOGS/bench.log (not counted as a failure)"
-fi
+# --- benchmarks (informative; a failure does not fail the check) --------------------------------
 # Model level: the step preset (bf16 Llama, fp32 blocks, all-linear and q/v, autocast off and on),
 # every row x the frozen model's step, with the floor rows; 8 steps, 3 untimed, to stay near a minute.
 train_args=(train --device cuda --steps 8 --train-warmup 3 --no-progress --csv "$LOGS/train_step.csv")
 if ! run_step "bench train step" 90 "$LOGS/train_step.log" "$PY" -m bench "${train_args[@]}"; then
   log "the model-level step table did not complete; see $LOGS/train_step.log (not counted as a failure)"
+fi
+bench_args=(--device cuda --no-progress --csv "$LOGS/bench.csv" --png "$LOGS/bench.png")
+if ! run_step "bench" 200 "$LOGS/bench.log" "$PY" -m bench "${bench_args[@]}"; then
+  log "the benchmark did not complete; see $LOGS/bench.log (not counted as a failure)"
 fi
 llm_args=(--device cuda --suite llm --dtypes bfloat16 --no-progress --no-png --csv "$LOGS/bench_llm.csv")
 if ! run_step "bench llm bf16" 150 "$LOGS/bench_llm.log" "$PY" -m bench "${llm_args[@]}"; then
