@@ -156,7 +156,7 @@ def extensions():
         os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension reads it at import
     from torch.utils import cpp_extension
 
-    sources = ["csrc/ops.cpp", "csrc/ops_front.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/front/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     define_macros = [("MISS_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
     cxx = ["-O3"]  # the C++ standard comes from torch (C++17 on 2.13, C++20 on 2.14)
     if _torch_uses_openmp():

@@ -242,11 +242,11 @@ MUTATIONS = [
      ["bat_block_grad", "--dtypes=bfloat16"]),
     ("block_grad WMMA: matrix_a fragment col_major swapped for row_major", "bat_block_grad.cu",
      "frag_t, wmma::col_major> fa;", "frag_t, wmma::row_major> fa;", ["bat_block_grad", "--dtypes=float16"]),
-    ("rowmm tiled: off-by-one column bound", "bat_rowmm.cu",
+    ("rowmm tiled: off-by-one column bound", "bat.cu",
      "      if (c >= r) continue;", "      if (c > r) continue;", ["bat_rowmm", "--dtypes=float64"]),
     ("block_grad small: off-by-one identity rows", "bat_block_grad.cu",
      "if (t >= lo && t < hi) isum += gv;", "if (t >= lo && t <= hi) isum += gv;", ["bat_block_grad", "--dtypes=float32"]),
-    ("tile: dropout word of the next element", "tile.cu",
+    ("tile: dropout word of the next element", "blocksum.cu",
      "keep_bits<V>(mask, static_cast<uint64_t>(at_))", "keep_bits<V>(mask, static_cast<uint64_t>(at_) + 1)", ["tile", "--dtypes=float32"]),
     ("gathered: missing barrier before the block-sum tile is refilled", "gathered.cu",
      "        __syncthreads();  // s_tile is refilled next chunk\n", "", ["gathered", "--dtypes=bfloat16"]),
@@ -254,10 +254,10 @@ MUTATIONS = [
 # Two more, left out of the default run to keep it short: MISS_EXT_EMU_MUTATIONS=all adds them.
 if os.environ.get("MISS_EXT_EMU_MUTATIONS") == "all":
     MUTATIONS += [
-        ("rowmm tiled: missing barrier before the next k-tile overwrites shared memory", "bat_rowmm.cu",
+        ("rowmm tiled: missing barrier before the next k-tile overwrites shared memory", "bat.cu",
          "        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * bv[j];\n    }\n    __syncthreads();\n",
          "        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * bv[j];\n    }\n", ["bat_rowmm", "--dtypes=float32"]),
-        ("rowmm WMMA: matrix_a fragment row_major swapped for col_major", "bat_rowmm.cu",
+        ("rowmm WMMA: matrix_a fragment row_major swapped for col_major", "bat.cu",
          "frag_t, wmma::row_major> fa[2];", "frag_t, wmma::col_major> fa[2];", ["bat_rowmm", "--dtypes=bfloat16"]),
         ("gathered: a run of rows one row too long", "gathered.cu",
          "if (tt >= t && tt < u) acc[tt]", "if (tt >= t && tt <= u) acc[tt]", ["gathered", "--dtypes=float32"]),

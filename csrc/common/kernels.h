@@ -1,5 +1,5 @@
-// The contract between the device-neutral operator front ends (csrc/ops_front.cpp) and the
-// per-device kernels (csrc/cpu/, csrc/cuda/).
+// The contract between the device-neutral operator front ends (csrc/front/<family>.cpp) and the
+// per-device kernels (csrc/cpu/<family>.cpp, csrc/cuda/<family>.cu), grouped by family.
 //
 // The front end validates every argument, unifies dtypes and prepares layouts, so a kernel
 // may assume what its comment states and nothing more. Kernels write into `out`, which the
@@ -22,6 +22,7 @@ struct DropoutArgs {
 };
 
 #define MISS_EXT_DECLARE_KERNELS                                                              \
+  /* ---- blocksum family: cpu/blocksum.cpp, cuda/blocksum.cu                               */ \
   /* x: (N, in), stride(1) == 1, any row stride. out: (N, r) contiguous, x's dtype or a     */ \
   /* wider float (float32/float64: the mixed-precision block sum, x never copied).          */ \
   /* out[n, c] = scale * sum_j keep(n*in + k) * x[n, k], k = j*r + c < in, accumulated in   */ \
@@ -32,6 +33,7 @@ struct DropoutArgs {
   /* out[n, k] = base[n, k] + scale * keep(n*n + k) * s[n, k % r], rounded once.            */ \
   void tile(const at::Tensor& s, const at::Tensor& base, const DropoutArgs& drop,             \
             at::Tensor& out);                                                                 \
+  /* ---- bat family: cpu/bat.cpp + bat_mixed.cpp, cuda/bat.cu + bat_block_grad.cu          */ \
   /* weight: (out, in) contiguous, any float dtype; block: (out/r, r, r) contiguous, the    */ \
   /* weight's dtype or float32/float64; out: like weight, any float dtype.                 */ \
   /* W'_ij = W_ij (I + B_i) + B_i; with all three dtypes equal the products run in that     */ \
@@ -50,6 +52,7 @@ struct DropoutArgs {
   /* grad: (out, in) contiguous; block: (out/r, r, r) contiguous, same dtype.             */ \
   /* out: like grad. out_ij = G_ij (I + B_i)^T.                                            */ \
   void bat_weight_grad(const at::Tensor& grad, const at::Tensor& block, at::Tensor& out);     \
+  /* ---- product family (standard/mini MiSS): cpu/product.cpp, cuda/product.cu            */ \
   /* base: (N, out) contiguous; s: (N, r), block: (r, out), both contiguous float32 or      */ \
   /* float64; out: like base. out = base + s @ block, the product in the block's dtype,     */ \
   /* rounded once to base's dtype (the standard mixed-precision forward).                   */ \
@@ -60,11 +63,13 @@ struct DropoutArgs {
   /* grad_block = s^T grad, grad_s = grad block^T, in the block's precision.                */ \
   void miss_block_grads(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& block, \
                         at::Tensor& grad_block, at::Tensor& grad_s);                          \
+  /* ---- merge family: cpu/merge.cpp, cuda/merge.cu                                        */ \
   /* weight: (out, in) contiguous; block: (r, m) contiguous in float32 (float64 when the   */ \
   /* weight is float64), out % m == 0. out: like weight.                                   */ \
   /* out[o, k] = W[o, k] + alpha * block[k % r, o % m], computed in block's dtype.         */ \
   void miss_merge(const at::Tensor& weight, const at::Tensor& block, double alpha,            \
                   at::Tensor& out);                                                           \
+  /* ---- gathered family (serving): cpu/gathered.cpp, cuda/gathered.cu                    */ \
   /* base: (N, out), any float dtype, unit column stride, row stride out or 0 (a broadcast */ \
   /* row); s: (N, r) contiguous float32/float64 that                                         */ \
   /* holds base's dtype; blocks: K >= 1 tensors (r, m_k) contiguous in s's dtype, with       */ \

@@ -9,6 +9,8 @@
 //                            over the rows, group partials added in a fixed order
 //   half types, r % 16 == 0: WMMA tensor cores on 64 x 64 tiles of out_i
 //   otherwise:               SIMT tiles (32 x 32 or 64 x 64) of out_i
+// bat_io_block_grad runs these kernels on Gw = grad^T x, formed by cuBLAS one group of slabs at
+// a time.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -385,6 +387,29 @@ void bat_block_grad(const at::Tensor& grad, const at::Tensor& weight, int64_t r,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
                                   "miss_ext_bat_block_grad_cuda",
                                   [&] { launch<scalar_t>(grad, weight, r, out); });
+}
+
+// The block gradient from the layer's input and output gradient, in out's precision (float32,
+// float64 for float64 x): Gw = grad^T x by cuBLAS (aten) a group of slabs at a time, then the
+// block-gradient kernels above on each group.
+void bat_io_block_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                       int64_t r, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const auto acc = out.scalar_type();
+  const int64_t nb = weight.size(0) / r, in = x.size(1);
+  const bool half_in = grad.scalar_type() == at::kBFloat16 || grad.scalar_type() == at::kHalf;
+  const at::Tensor xa = (half_in && acc == at::kFloat) || x.scalar_type() == acc ? x : x.to(acc);
+  // Gw for a group of slabs at a time (about 16M elements), never the whole weight-sized Gw.
+  const int64_t group = std::max<int64_t>(1, (int64_t{1} << 24) / std::max<int64_t>(1, r * in));
+  for (int64_t s0 = 0; s0 < nb; s0 += group) {
+    const int64_t s1 = std::min(nb, s0 + group), rows = (s1 - s0) * r;
+    const at::Tensor g = grad.narrow(1, s0 * r, rows).t();
+    // bf16/fp16 inputs with an fp32 result: cuBLAS accumulates in fp32 and never rounds.
+    const at::Tensor gw = (half_in && acc == at::kFloat) ? at::mm(g, xa, acc) : at::mm(g.to(acc), xa);
+    const at::Tensor wg = weight.narrow(0, s0 * r, rows).to(acc).contiguous();
+    at::Tensor o = out.narrow(0, s0, s1 - s0);
+    bat_block_grad(gw.contiguous(), wg, r, o);
+  }
 }
 
 }  // namespace cuda

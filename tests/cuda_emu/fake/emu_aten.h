@@ -185,8 +185,9 @@ class Tensor {
     return data_ptr<T>();
   }
   // Views and copies that the CUDA launchers' composites use (cuBLAS products around our
-  // kernels, csrc/cuda/mixed.cu), with ATen's semantics: narrow and t are views, contiguous
-  // and to return the tensor itself when nothing changes, else a new packed tensor.
+  // kernels: csrc/cuda/product.cu, bat_io_block_grad), with ATen's semantics: narrow and t are
+  // views, contiguous and to return the tensor itself when nothing changes, else a new packed
+  // tensor.
   Tensor narrow(int64_t d, int64_t start, int64_t length) const {
     if (d < 0) d += dim();
     if (start < 0 || length < 0 || start + length > sz.at(d)) throw std::runtime_error("narrow: out of range");

@@ -1,4 +1,4 @@
-// bat_transform and bat_weight_grad (csrc/cuda/bat_rowmm.cu):
+// bat_transform and bat_weight_grad (csrc/cuda/bat.cu):
 //   transform:   W'_ij = W_ij (I + B_i) + B_i
 //   weight grad: out_ij = G_ij (I + B_i)^T
 // Paths: r <= 32 (slab chunk in dynamic shared memory), WMMA (half types, r % 16 == 0, 16-byte

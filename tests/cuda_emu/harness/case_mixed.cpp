@@ -1,4 +1,5 @@
-// The mixed-precision composites (csrc/cuda/mixed.cu): cuBLAS products (emulated by the fake
+// The mixed-precision composites (csrc/cuda/product.cu, and bat_io_block_grad at the end of
+// csrc/cuda/bat_block_grad.cu): cuBLAS products (emulated by the fake
 // at::mm, see fake/emu_aten.h) around this extension's kernels.
 //   bat_io_block_grad: out_i = sum_j (W_ij + I)^T Gw_ij, Gw = grad^T x, in out's precision
 //   miss_add_product:  out = base + s @ block, rounded once to base's dtype

@@ -1,4 +1,4 @@
-// tile (csrc/cuda/tile.cu): out[n, k] = base[n, k] + scale * keep(n*features + k) * s[n, k % r].
+// tile (csrc/cuda/blocksum.cu): out[n, k] = base[n, k] + scale * keep(n*features + k) * s[n, k % r].
 // Paths: vector or scalar units (features % V, output/base alignment), dropout, base, neither;
 // grid-stride loops on small devices; s wider than out (mixed precision: the fp32 term rounded
 // once into a bf16/fp16 output). Compared bit for bit with the CPU kernel's rounding.
