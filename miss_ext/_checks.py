@@ -1,5 +1,5 @@
 """Argument checks of the Python entry points (functional API, MissLinear, inject, the PEFT
-patch). The operators check their own arguments in csrc/ops_front.cpp; these cover what the
+patch). The operators check their own arguments in csrc/front/; these cover what the
 Python layer adds on top (a ``base_out`` the operators never see, adapter names, layer inputs),
 so that a mismatch raises an error naming the argument instead of broadcasting into a wrong
 result or failing deep inside aten.

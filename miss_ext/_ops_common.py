@@ -1,5 +1,5 @@
 """What the operator families share: the ``torch.ops.miss_ext`` handle, the argument rules their
-fake kernels apply (those of csrc/ops_front.cpp, with the same messages, so meta tensors,
+fake kernels apply (those of csrc/front/, with the same messages, so meta tensors,
 FakeTensor and torch.compile tracing reject exactly what the real kernels reject), the dtype
 relation ``holds`` and the autograd helper ``needs``."""
 
@@ -81,7 +81,7 @@ _WIDER = {torch.bfloat16: (torch.float32, torch.float64), torch.float16: (torch.
 
 
 def holds(narrow, wide):
-    """Whether dtype ``wide`` holds every value of ``narrow`` (csrc/ops_front.cpp ``holds``)."""
+    """Whether dtype ``wide`` holds every value of ``narrow`` (csrc/front/checks.cpp ``holds``)."""
     return wide == narrow or wide in _WIDER.get(narrow, ())
 
 
@@ -94,7 +94,7 @@ def check_holds(op, x_name, x, block):
 
 
 def check_bias(op, bias, out_f):
-    """The optional bias of a linear op (csrc/ops_front.cpp checked_bias)."""
+    """The optional bias of a linear op (csrc/front/checks.cpp checked_bias)."""
     if bias is None:
         return
     check_float(op, "bias", bias)
