@@ -63,6 +63,9 @@ if not SDIST:
 
 from setuptools import setup  # noqa: E402  (after the torch check: its message comes first)
 
+sys.path.insert(0, os.path.join(HERE, "build_backend"))
+import brgemm_probe  # noqa: E402
+
 
 def _real_cuda_home():
     """The toolkit folder. `nvcc` on PATH may be a wrapper script exec'ing the real one, from
@@ -137,57 +140,6 @@ def _torch_uses_openmp():
     return "OpenMP" in torch.__config__.parallel_info().split("ATen parallel backend:")[-1]
 
 
-_BRGEMM_PROBE = """
-#include "cpu/torch_brgemm.h"
-int main() {
-  using namespace miss_ext::cpu;
-  c10::BFloat16 a[2] = {}, b[32] = {};
-  float c[16];
-  if (torch_brgemm::could_pack()) {
-    torch_brgemm::gemm(1, 16, 2, 2, 16, 16, false, a, b, c);
-    torch_brgemm::release();
-  }
-  return 0;
-}
-"""
-
-
-def _torch_brgemm_usable(cpp_extension):
-    """(ok, why): whether csrc/cpu/torch_brgemm.h, every call into torch's internal brgemm,
-    compiles against this torch's headers and links against its libraries.
-
-    That API (at::native::cpublas) is internal and may change in any release; when this probe
-    fails, the extension is built without it (the portable kernels run) instead of failing to
-    compile. Linking an executable also proves libtorch_cpu still exports the symbols."""
-    if os.environ.get("MISS_EXT_TORCH_BRGEMM") == "0":
-        return False, "MISS_EXT_TORCH_BRGEMM=0"
-    import tempfile
-
-    with open(cpp_extension.__file__) as f:  # the standard torch's extensions are built with
-        std = "c++20" if "c++20" in f.read() else "c++17"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "probe.cpp")
-        with open(src, "w") as f:
-            f.write(_BRGEMM_PROBE)
-        cmd = [os.environ.get("CXX", "c++"), f"-std={std}",
-               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-               "-I", os.path.join(HERE, "csrc")]
-        cmd += [f"-I{d}" for d in cpp_extension.include_paths()]
-        cmd += [src, "-o", os.path.join(tmp, "probe")]
-        cmd += [f"-L{d}" for d in cpp_extension.library_paths()]
-        # Only this probe's own references must resolve; torch's libraries bring dependencies
-        # (OpenMP, CUDA) that need not be on the linker's path.
-        cmd += ["-ltorch_cpu", "-lc10", "-Wl,--unresolved-symbols=ignore-in-shared-libs"]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.SubprocessError) as err:
-            return False, f"probe could not run: {err}"
-    if proc.returncode != 0:
-        errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
-        return False, (errors or proc.stderr.splitlines() or ["unknown error"])[0].strip()
-    return True, "ok"
-
-
 def _write_build_meta(with_cuda, archs):
     with open(os.path.join(HERE, "miss_ext", "_build_meta.py"), "w") as f:
         f.write("# Written by setup.py at build time: what the compiled _C was built against.\n")
@@ -232,7 +184,7 @@ def extensions():
         # Here rather than at import: pip runs setup.py once per build step (requirements,
         # metadata, wheel) and only this last one compiles.
         def build_extensions(self):
-            brgemm_ok, brgemm_why = _torch_brgemm_usable(cpp_extension)
+            brgemm_ok, brgemm_why = brgemm_probe.usable(os.path.join(HERE, "csrc"))
             if brgemm_ok:
                 for e in self.extensions:
                     e.define_macros.append(("MISS_EXT_HAVE_TORCH_BRGEMM", None))

@@ -202,6 +202,49 @@ def test_the_fast_path_runs_where_the_cpu_has_it():
         assert not info["cpu_brgemm"] and info["cpu_brgemm_status"].startswith("off: ")
 
 
+def _brgemm_probe():
+    sys.path.insert(0, BACKEND)
+    try:
+        import brgemm_probe
+    finally:
+        sys.path.remove(BACKEND)
+    return brgemm_probe
+
+
+def test_brgemm_probe_agrees_with_the_build():
+    """The build probe (a compile and link of csrc/cpu/torch_brgemm.h) accepts this torch exactly
+    when the build compiled the brgemm path in."""
+    ok, why = _brgemm_probe().usable(os.path.join(REPO, "csrc"))
+    status = miss_ext.build_info()["cpu_brgemm_status"]
+    assert ok == (not status.startswith("not compiled")), (why, status)
+
+
+def test_a_changed_brgemm_api_is_a_fallback_not_a_compile_failure(tmp_path):
+    """A torch whose brgemm changed signature: the probe says no (and why), so setup.py builds
+    the portable kernels instead of failing."""
+    fake = tmp_path / "ATen" / "native"
+    fake.mkdir(parents=True)
+    (fake / "CPUBlas.h").write_text(textwrap.dedent("""
+        #pragma once
+        #include <c10/core/ScalarType.h>
+        #include <c10/util/BFloat16.h>
+        #define CPUBLAS_BRGEMM_BF16BF16F32
+        namespace at::native::cpublas {
+        bool could_pack(c10::ScalarType dt);
+        void brgemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, const c10::BFloat16* B, float* C);
+        void brgemm_release(bool is_vnni = true);
+        }
+    """))
+    ok, why = _brgemm_probe().usable(os.path.join(REPO, "csrc"), first_include_dirs=[str(tmp_path)])
+    assert not ok and "error" in why.lower(), why
+    env = dict(os.environ, CXX="false")
+    proc = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import brgemm_probe; "
+                           "print(brgemm_probe.usable(sys.argv[2]))", BACKEND, os.path.join(REPO, "csrc")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "(False, 'false exited with 1')"
+
+
 def test_brgemm_can_be_turned_off_and_says_so():
     code = "import miss_ext; i = miss_ext.build_info(); print(i['cpu_brgemm'], '|', i['cpu_brgemm_status'])"
     env = dict(os.environ, MISS_EXT_CPU_BRGEMM="0")
