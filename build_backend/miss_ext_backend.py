@@ -50,16 +50,53 @@ def _target_paths():
     return [p for p in found["path"] if p], found["torch"] is not None
 
 
+def _front_end_python():
+    """The Python interpreter that started this build, when it is another environment than ours
+    and can import torch (`python -m build` runs us in a fresh venv of its own), else None.
+    Linux only (read from /proc); elsewhere the general message stands."""
+    import shutil
+
+    proc_dir = f"/proc/{os.getppid()}"
+    try:
+        with open(f"{proc_dir}/cmdline", "rb") as f:
+            argv0 = f.read().split(b"\0")[0].decode()
+        with open(f"{proc_dir}/environ", "rb") as f:
+            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        cwd = os.readlink(f"{proc_dir}/cwd")
+    except (OSError, ValueError):
+        return None
+    # A venv's python is a symlink to the base interpreter: compare the paths as invoked.
+    if os.sep not in argv0:
+        argv0 = shutil.which(argv0, path=env.get(b"PATH", b"").decode()) or ""
+    parent = os.path.normpath(os.path.join(cwd, argv0)) if argv0 else ""
+    if not os.path.basename(parent).startswith("python") or parent == os.path.normpath(sys.executable):
+        return None
+    try:
+        out = subprocess.run([parent, "-E", "-c", _PROBE], capture_output=True, text=True, timeout=120,
+                             cwd=os.path.expanduser("~")).stdout
+        return parent if json.loads(out)["torch"] else None
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError):
+        return None
+
+
 def _no_torch_message() -> str:
     source = os.getcwd()
+    front_end = _front_end_python()
+    if front_end:
+        return (
+            f"miss_ext: this front-end builds in a fresh environment of its own ({sys.executable}), "
+            f"which cannot see the torch installed for {front_end}, and the kernels must be "
+            f"compiled against that torch: build with `pip wheel --no-deps {source}` or "
+            f"`python -m build --no-isolation` there instead"
+        )
     return (
         f"miss_ext: no torch to build against: {sys.executable}, the interpreter running this "
         f"build, cannot import torch. The kernels are compiled against the torch already "
         f"installed where miss_ext goes, so install torch there first (any 2.11 - 2.15, e.g. "
         f"`pip install torch`), then run the same command again. Front-ends that build in a "
         f"fresh environment of their own (python -m build, uv build) cannot see that torch: "
-        f"use `pip wheel --no-deps {source}` there, or `uv pip install {source}` with the "
-        f"[tool.uv] settings in miss_ext's pyproject.toml."
+        f"there use `pip wheel --no-deps {source}`, `python -m build --no-isolation` or, from "
+        f"{source}, `uv pip install .` (pyproject.toml's [tool.uv] hands uv the torch)."
     )
 
 

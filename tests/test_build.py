@@ -1,5 +1,8 @@
-"""Build and load behaviour: build_info, the torch-version guard, the build's messages when torch
-cannot be imported, and importing from a source folder that has no compiled extension."""
+"""Build and load behaviour: build_info and its CPU paths, the brgemm build probe, the build
+backend inside pip's isolation and the exact torch pin of what it builds, the build's messages
+when torch cannot be imported, importing from a source folder without a compiled extension or
+from the checkout's parent folder, and silence on import. (Full builds with each torch release
+run in .ci/torch_smoke.sh.)"""
 
 import importlib.machinery
 import os
@@ -73,10 +76,9 @@ BACKEND = os.path.join(REPO, "build_backend")
 RELEASE = torch.__version__.split("+")[0]
 
 
-def _isolated_like_pip(tmp_path, code):
-    """Runs `code` the way pip runs a build backend under build isolation: the target
-    interpreter, its site-packages taken off sys.path by a sitecustomize on PYTHONPATH, and an
-    overlay folder holding only the build requirements (here setuptools, linked from this env)."""
+def _overlay(tmp_path):
+    """A folder holding only the build requirements (setuptools, linked from this env), as
+    pip's and build's isolated environments do."""
     import setuptools
 
     overlay = tmp_path / "overlay"
@@ -85,6 +87,14 @@ def _isolated_like_pip(tmp_path, code):
     for name in ("setuptools", "pkg_resources", "_distutils_hack"):
         if os.path.exists(os.path.join(site, name)):
             (overlay / name).symlink_to(os.path.join(site, name))
+    return overlay
+
+
+def _isolated_like_pip(tmp_path, code):
+    """Runs `code` the way pip runs a build backend under build isolation: the target
+    interpreter, its site-packages taken off sys.path by a sitecustomize on PYTHONPATH, and an
+    overlay folder holding only the build requirements (here setuptools, linked from this env)."""
+    overlay = _overlay(tmp_path)
     (overlay / "sitecustomize.py").write_text(textwrap.dedent("""
         import sys
         sys.path[:] = [p for p in sys.path if "-packages" not in p]
@@ -126,7 +136,29 @@ def test_backend_without_any_torch_is_one_line_naming_what_works(tmp_path, monke
         miss_ext_backend.get_requires_for_build_wheel()
     msg = str(info.value.code)
     assert "\n" not in msg and msg.startswith("miss_ext: no torch to build against: " + sys.executable)
-    assert f"pip wheel --no-deps {REPO}" in msg and "uv pip install" in msg
+    assert f"pip wheel --no-deps {REPO}" in msg and "python -m build --no-isolation" in msg
+    assert f"from {REPO}, `uv pip install .`" in msg
+
+
+def test_a_front_end_building_in_its_own_env_gets_the_command_that_works(tmp_path):
+    """`python -m build` runs the backend in a fresh venv of its own: the message names the
+    interpreter that has torch and what to run with it, in one line."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "env")], check=True, timeout=120)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(_overlay(tmp_path)), BACKEND]))
+    hook = "import miss_ext_backend; miss_ext_backend.get_requires_for_build_wheel()"
+    front_end = textwrap.dedent(f"""
+        import subprocess, sys
+        p = subprocess.run([{str(tmp_path / "env" / "bin" / "python")!r}, "-c", {hook!r}], cwd={REPO!r},
+                           capture_output=True, text=True)
+        print(p.returncode, p.stderr.strip().splitlines()[-1])
+    """)
+    proc = subprocess.run([sys.executable, "-c", front_end], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    code, msg = proc.stdout.strip().split(" ", 1)
+    assert code == "1"
+    assert msg.startswith(f"miss_ext: this front-end builds in a fresh environment of its own ({tmp_path}/env/bin/python)")
+    assert f"cannot see the torch installed for {sys.executable}" in msg
+    assert msg.endswith(f"build with `pip wheel --no-deps {REPO}` or `python -m build --no-isolation` there instead")
 
 
 def test_plain_pip_install_resolves_against_the_installed_torch(tmp_path):
