@@ -429,3 +429,14 @@ def test_import_prints_nothing_beyond_what_torch_prints(tmp_path):
     (tmp_path / "numpy" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'numpy'\")\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
     assert _stderr_of("import miss_ext", env) == _stderr_of("import torch", env)
+
+
+@pytest.mark.parametrize("ours", ["bench", "conftest"])
+def test_bench_and_tests_keep_other_packages_load_noise_out(ours):
+    """peft imports torchao and bitsandbytes (the test extra installs both), which log a
+    "Failed to load ..." line per optional native piece this machine lacks on every import."""
+    pytest.importorskip("peft")
+    code = f"import sys; sys.path.insert(0, 'tests'); import {ours}; import peft"
+    err = _stderr_of(code)
+    noise = [ln for ln in err.splitlines() if "Failed to load" in ln or "_pytree.py" in ln]
+    assert not noise, err
