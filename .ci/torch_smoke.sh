@@ -83,7 +83,7 @@ fi
 grep -m1 "miss_ext: building against" "$WORK/build.log" | sed 's/^ */  /' || true
 if [[ "$MODE" == wheel ]]; then
   whl="$(ls "$WORK"/dist/miss_ext-*.whl)"
-  pin="$(unzip -p "$whl" '*.dist-info/METADATA' | grep '^Requires-Dist: torch')"
+  pin="$(unzip -p "$whl" '*.dist-info/METADATA' | grep -E '^Requires-Dist: torch( |=|<|>|!|~|;|$)')"
   [[ "$pin" == "Requires-Dist: torch==$VERSION" ]] || die "the wheel requires '$pin', not torch==$VERSION"
   log "  $(basename "$whl"): $pin"
   "$PY" -m pip install -q "$whl" || die "the wheel did not install"
