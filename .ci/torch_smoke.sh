@@ -83,7 +83,14 @@ fi
 grep -m1 "miss_ext: building against" "$WORK/build.log" | sed 's/^ */  /' || true
 if [[ "$MODE" == wheel ]]; then
   whl="$(ls "$WORK"/dist/miss_ext-*.whl)"
-  pin="$(unzip -p "$whl" '*.dist-info/METADATA' | grep -E '^Requires-Dist: torch( |=|<|>|!|~|;|$)')"
+  pin="$("$PY" - "$whl" <<'PYEOF'
+import re, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+    lines = z.read(meta).decode().splitlines()
+print("\n".join(ln for ln in lines if re.match(r"Requires-Dist: torch\s*([=<>!~;]|$)", ln)))
+PYEOF
+)"
   [[ "$pin" == "Requires-Dist: torch==$VERSION" ]] || die "the wheel requires '$pin', not torch==$VERSION"
   log "  $(basename "$whl"): $pin"
   "$PY" -m pip install -q "$whl" || die "the wheel did not install"
