@@ -1,5 +1,9 @@
 """Build miss_ext._C against the torch that is already installed.
 
+pip's build isolation hides that torch; build_backend/miss_ext_backend.py (the build backend
+pyproject.toml names) makes it importable here again, so plain `pip install .` works, as does
+`--no-build-isolation`. The wheel requires exactly the torch release it was compiled against.
+
 CPU kernels are always built. CUDA kernels are built when torch has CUDA and nvcc is found,
 or when MISS_EXT_FORCE_CUDA=1 (MISS_EXT_FORCE_CUDA=0 turns them off); a visible GPU is never
 needed. Honours TORCH_CUDA_ARCH_LIST and MAX_JOBS.
@@ -12,7 +16,11 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FIX = "pip install --no-build-isolation ."
+SAFETENSORS = "safetensors>=0.4"  # save/load_adapter (PEFT's file format)
+# The torch releases CI builds and tests against (.ci/run); the README states the same range.
+TORCH_RANGE = "torch>=2.11,<2.16"
+# Set by build_backend/miss_ext_backend.py while it builds a source distribution.
+SDIST = os.environ.get("MISS_EXT_BUILDING_SDIST") == "1"
 
 
 def _torch_visible_here():
@@ -24,48 +32,39 @@ def _torch_visible_here():
         return None
 
 
-def _torch_outside_this_build():
-    """The torch version this interpreter sees outside the build's environment (None if none).
-
-    pip's default build isolation runs setup.py with PYTHONPATH pointing at a temporary
-    environment and the interpreter's own site-packages taken off sys.path; a child process
-    without those variables sees what the user installed."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
-    probe = "import importlib.metadata as m; print(m.version('torch'))"
-    try:
-        proc = subprocess.run([sys.executable, "-c", probe], env=env, cwd=os.path.dirname(HERE),
-                              capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if proc.returncode != 0:
-        return None
-    return proc.stdout.strip() or None
-
-
 def _no_torch_message(err):
-    """Why `import torch` failed in this build, and the command that fixes it."""
+    """Why `import torch` failed in this build, as one line."""
     visible = _torch_visible_here()
     if visible:
         return (f"miss_ext: torch {visible} is installed for {sys.executable} but failed to import "
-                f"({err}); fix that torch install, then run: {FIX}")
-    outside = _torch_outside_this_build()
-    if outside:
-        return (f"miss_ext: torch {outside} is installed for {sys.executable}, but pip's build "
-                f"isolation hid it (a plain `pip install .` builds in a temporary environment "
-                f"without torch). Build against the installed torch with: {FIX}")
-    return (f"miss_ext: torch is not installed for {sys.executable}; the extension is compiled "
-            f"against the torch already installed, so install one first (any torch 2.11 - 2.14, "
-            f"e.g. pip install torch==2.13.0), then run: {FIX}")
+                f"({err}); fix that torch install, then run the same command again")
+    return (f"miss_ext: torch is not installed for {sys.executable}; the kernels are compiled "
+            f"against the torch already installed, so install one first (any torch 2.11 - 2.15, "
+            f"e.g. pip install torch==2.13.0), then run the same command again")
 
 
-try:
-    import torch
-except ImportError as _err:
-    # Never pull a torch into an isolated build env: it would be a multi-GB download of a
-    # torch other than the one the extension must match. Stop at once and say what happened.
-    sys.exit(_no_torch_message(_err))
+def _license_kwargs():
+    # pyproject.toml leaves the license dynamic: setuptools >= 77 wants an SPDX expression,
+    # older ones (a venv's own setuptools 65, which torch 2.11/2.12 keep) reject that form, and
+    # a --no-build-isolation build uses whichever setuptools the environment has.
+    import setuptools
+
+    major = int(re.match(r"\d+", setuptools.__version__).group())
+    return {"license_expression": "Apache-2.0"} if major >= 77 else {"license": "Apache-2.0"}
+
+
+if not SDIST:
+    try:
+        import torch
+    except ImportError as _err:
+        # Never pull a torch into the build: it would be a multi-GB download of a torch other
+        # than the one the extension must match. Stop at once and say what happened.
+        sys.exit(_no_torch_message(_err))
 
 from setuptools import setup  # noqa: E402  (after the torch check: its message comes first)
+
+sys.path.insert(0, os.path.join(HERE, "build_backend"))
+import brgemm_probe  # noqa: E402
 
 
 def _real_cuda_home():
@@ -180,15 +179,39 @@ def extensions():
             "miss_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,
             extra_compile_args={"cxx": cxx}, extra_link_args=extra_link)
     _write_build_meta(with_cuda, archs)
-    print(f"miss_ext: building against torch {torch.__version__}, "
-          f"CUDA={'on (' + archs + ')' if with_cuda else 'off'}, "
-          f"OpenMP={'on' if _torch_uses_openmp() else 'off'}", file=sys.stderr)
-    # pip shows these lines, and a line per compiled file (ninja: "[k/n] <compiler command>"),
-    # only with -v; without it the build is silent until it ends.
-    print(f"miss_ext: compiling {len(sources)} files (MAX_JOBS={os.environ.get('MAX_JOBS', 'unset: all cores')}); "
-          "one line per file follows as each one finishes", file=sys.stderr)
-    return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+        # Here rather than at import: pip runs setup.py once per build step (requirements,
+        # metadata, wheel) and only this last one compiles.
+        def build_extensions(self):
+            brgemm_ok, brgemm_why = brgemm_probe.usable(os.path.join(HERE, "csrc"))
+            if brgemm_ok:
+                for e in self.extensions:
+                    e.define_macros.append(("MISS_EXT_HAVE_TORCH_BRGEMM", None))
+            print(f"miss_ext: building against torch {torch.__version__}, "
+                  f"CUDA={'on (' + archs + ')' if with_cuda else 'off'}, "
+                  f"OpenMP={'on' if _torch_uses_openmp() else 'off'}, "
+                  f"torch brgemm (AMX path)={'on' if brgemm_ok else 'off: ' + brgemm_why}", file=sys.stderr)
+            # pip shows these lines, and a line per compiled file (ninja: "[k/n] <compiler
+            # command>"), only with -v; without it the build is silent until it ends.
+            print(f"miss_ext: compiling {len(sources)} files (MAX_JOBS="
+                  f"{os.environ.get('MAX_JOBS', 'unset: all cores')}); "
+                  "one line per file follows as each one finishes", file=sys.stderr)
+            super().build_extensions()
+
+    return [ext], BuildExt
 
 
-ext_modules, build_ext = extensions()
-setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})
+def _torch_pin():
+    # Exactly the release compiled against: `==2.13.0` also matches 2.13.0+cpu and 2.13.0+cu130
+    # (local labels are ignored), so no installer pairs the wheel with another torch, while a
+    # build for one flavour still installs beside the other flavour of the same release.
+    return f"torch=={torch.__version__.split('+')[0]}"
+
+
+if SDIST:
+    setup(install_requires=[TORCH_RANGE, SAFETENSORS], **_license_kwargs())
+else:
+    ext_modules, build_ext = extensions()
+    setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext},
+          install_requires=[_torch_pin(), SAFETENSORS], **_license_kwargs())

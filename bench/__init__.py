@@ -23,6 +23,13 @@ Run ``python -m bench --help`` from the repository root. Modules, one job each:
 * :mod:`bench.cli`         - the command line (``python -m bench``).
 """
 
-from .cli import main, run
+import logging
+
+# peft imports torchao and bitsandbytes when installed, which log "Failed to load ..." WARNING
+# lines about optional native pieces on every import: noise in every benchmark run.
+for _name in ("torchao", "bitsandbytes", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+from .cli import main, run  # noqa: E402
 
 __all__ = ["main", "run"]

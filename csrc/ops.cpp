@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/amx.h"
 #include "cpu/workspace.h"
 #include "front/families.h"
 
@@ -57,6 +58,18 @@ pybind11::dict build_info() {
   info["cuda"] = false;
   info["cuda_archs"] = "";
 #endif
+  // Which CPU paths run: torch's brgemm micro-kernel (AMX) for the bf16 mixed-precision GEMMs,
+  // and the instruction set the bf16 conversion loops (target_clones) were dispatched to.
+  info["cpu_brgemm"] = miss_ext::cpu::amx::available();
+  info["cpu_brgemm_status"] = miss_ext::cpu::amx::status();
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  info["cpu_vector_isa"] = __builtin_cpu_supports("x86-64-v4")   ? "avx512"
+                           : __builtin_cpu_supports("x86-64-v3") ? "avx2"
+                                                                 : "portable";
+#else
+  info["cpu_vector_isa"] = "portable";
+#endif
   return info;
 }
 
@@ -65,7 +78,7 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "miss_ext compiled core: operators live in torch.ops.miss_ext";
   module.def("build_info", &build_info,
-             "How this extension was built: torch version, OpenMP, CUDA and its archs.");
+             "How this extension was built and which CPU paths it runs: torch version, OpenMP, CUDA and its archs, brgemm, vector ISA.");
   module.def("cpu_workspace_release", &miss_ext::cpu::workspace_release,
              "Frees the CPU workspace buffers kept for reuse; returns the bytes released.");
   module.def("cpu_workspace_cached_bytes", &miss_ext::cpu::workspace_cached_bytes,

@@ -41,8 +41,8 @@ def rebuild_command(folder=None) -> str:
     folder = folder or _HERE
     if _source_checkout(folder):
         # Built in place, the source folder imports from anywhere, the repository root included.
-        return f"pip install --no-build-isolation -e {os.path.dirname(folder)}"
-    return "pip install --no-build-isolation --force-reinstall --no-deps <your miss_ext checkout>"
+        return f"pip install -e {os.path.dirname(folder)}"
+    return "pip install --force-reinstall --no-deps <your miss_ext checkout>"
 
 
 def _other_copies(folder: str):

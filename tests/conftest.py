@@ -1,7 +1,16 @@
 """Shared test fixtures: devices, per-dtype tolerances, seeded random inputs."""
 
+import logging
+
 import pytest
 import torch
+
+# peft imports torchao and bitsandbytes when they are installed (the test extra has both), and
+# on every import they log WARNING lines about optional native pieces this machine lacks
+# ("Failed to load ...", torch's pytree deprecation notes for torchao's enums). Not ours, not
+# actionable, and repeated in every failure report's captured log: kept below ERROR.
+for _name in ("torchao", "bitsandbytes", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 import miss_ext  # noqa: F401  (loads torch.ops.miss_ext)
 

@@ -3,9 +3,9 @@
 #include "cpu/vec.h"
 #include "cpu/workspace.h"
 
-#include "cpu/vec.h"
-
-#include <ATen/native/CPUBlas.h>
+#ifdef MISS_EXT_HAVE_TORCH_BRGEMM
+#include "cpu/torch_brgemm.h"
+#endif
 
 #include <cmath>
 #include <cstdlib>
@@ -33,26 +33,40 @@ void Panels::pack_pair(int64_t k, const bf16* r0, const bf16* r1) {
                               n_, kPanel, kp_, k, reinterpret_cast<uint16_t*>(data_));
 }
 
+#ifdef MISS_EXT_HAVE_TORCH_BRGEMM
+
 void gemm(int64_t m, const bf16* a, int64_t lda, const Panels& b, int64_t p0, int64_t p1,
           float* c, int64_t ldc, bool accumulate, int64_t col0) {
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t w = b.width(p);
-    at::native::cpublas::brgemm(m, w, b.kp(), lda, w, ldc, accumulate, a, b.panel(p),
-                                c + (b.start(p) - col0), /*is_vnni=*/true);
+    torch_brgemm::gemm(m, w, b.kp(), lda, w, ldc, accumulate, a, b.panel(p), c + (b.start(p) - col0));
   }
 }
 
-void release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
+void release() { torch_brgemm::release(); }
+
+#else  // this torch's brgemm did not pass setup.py's probe: available() is false, callers fall back
+
+void gemm(int64_t, const bf16*, int64_t, const Panels&, int64_t, int64_t, float*, int64_t, bool, int64_t) {
+  TORCH_CHECK(false, "miss_ext internal: amx::gemm called in a build without torch's brgemm");
+}
+
+void release() {}
+
+#endif
 
 namespace {
 
 // One small product with an odd K and a 48-wide tail panel against a double reference: the
 // kernel must exist, accept this packing and be exact to fp32 rounding.
-bool probe() {
+const char* probe() {
+#ifndef MISS_EXT_HAVE_TORCH_BRGEMM
+  return "not compiled: this torch's brgemm failed setup.py's build probe";
+#else
   const char* env = std::getenv("MISS_EXT_CPU_BRGEMM");
-  if (env && std::string(env) == "0") return false;
+  if (env && std::string(env) == "0") return "off: MISS_EXT_CPU_BRGEMM=0";
   try {
-    if (!at::native::cpublas::could_pack(at::kBFloat16)) return false;
+    if (!torch_brgemm::could_pack()) return "off: torch cannot pack bf16 for it on this CPU (no AMX)";
     constexpr int64_t M = 24, K = 37, N = 112;
     std::vector<bf16> a(M * padded_k(K)), bm(K * N);
     for (int64_t i = 0; i < M; ++i)
@@ -70,21 +84,24 @@ bool probe() {
         double want = 0.0;
         for (int64_t k = 0; k < K; ++k)
           want += static_cast<double>(float(a[i * padded_k(K) + k])) * static_cast<double>(float(bm[k * N + n]));
-        if (std::abs(want - c[i * N + n]) > 1e-3) return false;  // small integers: exact
+        if (std::abs(want - c[i * N + n]) > 1e-3) return "off: the self-test gave wrong results";  // small integers: exact
       }
     }
-    return true;
+    return "active";
   } catch (const std::exception&) {
-    return false;
+    return "off: the self-test raised an error";
   }
+#endif
 }
 
 }  // namespace
 
-bool available() {
-  static const bool ok = probe();
-  return ok;
+const std::string& status() {
+  static const std::string result = probe();
+  return result;
 }
+
+bool available() { return status() == "active"; }
 
 }  // namespace amx
 }  // namespace cpu

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 
 namespace miss_ext {
 namespace cpu {
@@ -31,6 +32,11 @@ constexpr int64_t kPanel = 64;
 // True when the micro-kernel runs here and gives right answers (probed once, on first use).
 // MISS_EXT_CPU_BRGEMM=0 in the environment turns it off (the fp32 fallbacks then run).
 bool available();
+
+// Why available() says what it says: "active", or "off: <reason>" (the CPU, the environment
+// variable, the self-test), or "not compiled: <reason>" (this torch's brgemm failed setup.py's
+// build probe). build_info() reports it.
+const std::string& status();
 
 // Whether a product with N output columns can use it (panels must be multiples of 16 wide).
 inline bool width_ok(int64_t n) { return n > 0 && n % 16 == 0; }
