@@ -17,6 +17,7 @@ import torch
 
 from . import _checks
 from . import functional as MF
+from ._block_copy import block_as
 from ._ops_common import holds
 
 
@@ -49,25 +50,21 @@ def additive_output(
     """``base_out`` (default: the base layer on ``x``) plus the standard/mini ``terms`` (block,
     variant, dropout p already 0 outside training).
 
-    Without a given ``base_out``, when the base is a plain ``nn.Linear`` in x's dtype whose first
-    block has that dtype or a wider one (a float32 block on a bfloat16 layer), and no autocast,
-    that adapter runs fused with the base GEMM (``miss_linear``): same numbers, fewer passes over
-    the activations, only the ``N x r`` block sum kept for backward. ``x`` is cast to a block's
+    Without a given ``base_out``, when the base is a plain ``nn.Linear`` and the dtypes allow it
+    (:func:`fused_output`), the first adapter runs fused with the base GEMM (``miss_linear``):
+    same numbers, fewer passes over the activations, only the ``N x r`` block sum kept for
+    backward. ``x`` is cast to a block's
     dtype only when that dtype cannot hold x's values; a wider block sums x into its own
     precision directly (the same values as the cast, without the copy)."""
     kwargs = kwargs or {}
     if base_out is None:
         linear = view.linear(args, kwargs) if terms else None
-        if (
-            linear is not None
-            and autocast_dtype(x) is None
-            and x.dtype == linear.weight.dtype
-            and holds(x.dtype, terms[0][0].dtype)
-        ):
-            (block, _, p), terms = terms[0], terms[1:]
-            base_out = MF.miss_linear(x, linear.weight, linear.bias, block, p, True)
-        else:
+        if linear is not None:
+            base_out = fused_output(linear, x, terms[0])
+        if base_out is None:
             base_out = view.base(x, args, kwargs)
+        else:
+            terms = terms[1:]
     for block, variant, p in terms:
         xi = x if holds(x.dtype, block.dtype) else view.cast(x, block.dtype)
         # A dropout seed is drawn from torch's default generator only when dropout is live, so
@@ -75,6 +72,29 @@ def additive_output(
         term = MF.mini_forward if variant == "mini" else MF.miss_forward
         base_out = term(xi, base_out, block, p, True)
     return base_out
+
+
+def fused_output(linear: torch.nn.Linear, x: torch.Tensor, term) -> Optional[torch.Tensor]:
+    """The frozen ``linear`` fused with one standard/mini ``term`` (block, variant, dropout p) in
+    ``miss_linear``: one op per direction, its backward handing over the whole ``dL/dx``; None
+    where the dtypes call for the unfused path.
+
+    Without autocast: x in the weight's dtype and a block that holds it (PEFT's numbers). Under
+    autocast, for a model in the autocast dtype: the block's copy in that dtype is made once per
+    optimizer step (miss_ext._block_copy) and the op keeps PEFT's roundings (docs/MATH.md 11.4).
+    An fp32 model under autocast stays unfused: PEFT adds its two input gradients in fp32."""
+    block, _, p = term
+    dtype = autocast_dtype(x)
+    if dtype is None:
+        if x.dtype != linear.weight.dtype or not holds(x.dtype, block.dtype):
+            return None
+        return MF.miss_linear(x, linear.weight, linear.bias, block, p, True)
+    if x.dtype != dtype:
+        return None
+    with autocast_off(x.device.type):
+        return MF.miss_linear(
+            x, linear.weight.to(dtype), linear.bias, block_as(block, dtype), p, True, round_base=True
+        )
 
 
 def bat_output(

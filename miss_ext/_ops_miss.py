@@ -41,7 +41,7 @@ def _check_product(op, a_name, a, s, block):
 
 
 @torch.library.register_fake(LIB + "miss_linear")
-def _(x, weight, bias, block, p, seed):
+def _(x, weight, bias, block, p, seed, round_base=False):
     op = "miss_linear"
     for name, t in (("x", x), ("weight", weight), ("block", block)):
         check_float(op, name, t)
@@ -64,19 +64,24 @@ def _(x, weight, bias, block, p, seed):
 
 
 def _miss_linear_setup(ctx, inputs, output):
-    x, weight, bias, block, p, seed = inputs
+    x, weight, bias, block, p, seed = inputs[:6]
     ctx.p, ctx.in_features = p, x.shape[-1]
     ctx.bias_dtype = bias.dtype if bias is not None else None
     # S (N x r) replaces x for the block gradient; x itself is kept only when the base weight
     # trains (its gradient needs x, exactly as a trainable nn.Linear keeps it).
     keep_x = x if ctx.needs_input_grad[1] else None
     ctx.save_for_backward(output[1], weight, block, seed, keep_x)
+    # S is an output only for backward's sake; its gradient is almost always unused, and a
+    # materialised zero gradient would cost a pass and an add.
+    ctx.set_materialize_grads(False)
 
 
 def _miss_linear_backward(ctx, grad_y, grad_s):
     s, weight, block, seed, x = ctx.saved_tensors
     r, m = block.shape
     out_f = weight.shape[0]
+    if grad_y is None:  # only S was used
+        grad_y = s.new_zeros((*s.shape[:-1], out_f), dtype=weight.dtype)
     g2 = grad_y.reshape(-1, out_f)
     s2 = s.reshape(-1, r)
     mixed = block.dtype != weight.dtype  # a float32 block on a half-type base (x has weight's dtype)
@@ -86,14 +91,22 @@ def _miss_linear_backward(ctx, grad_y, grad_s):
         if mixed and m == out_f:
             # One pass over G gives both products in the block's precision.
             grad_block, d_s = ops.miss_block_grads(g2, s2, block)
+        elif m == out_f:
+            if need_block:
+                grad_block = s2.t() @ g2
+            if need_x:
+                d_s = g2 @ block.t()
         else:
             # mini: the output tiles share Dm, so their gradients sum first (the same block-sum
-            # kernel, into the block's precision).
-            gs = g2 if m == out_f else ops.blocksum(g2, m, block.dtype)
+            # kernel). A half-type block (autocast's copy) has both products taken in fp32 and
+            # rounded once: PEFT rounds each tile's product, so this stays within its error
+            # (docs/MATH.md section 11.4).
+            acc = block.dtype if block.dtype in (torch.float32, torch.float64) else torch.float32
+            gs = ops.blocksum(g2, m, acc)
             if need_block:
-                grad_block = s2.t() @ gs
+                grad_block = (s2.to(acc).t() @ gs).to(block.dtype)
             if need_x:
-                d_s = gs @ block.t()
+                d_s = (gs @ block.to(acc).t()).to(block.dtype)
     if need_x:
         if grad_s is not None:
             d_s = d_s + grad_s.reshape(-1, r)
@@ -119,7 +132,7 @@ def _miss_linear_backward(ctx, grad_y, grad_s):
         grad_w = g2.t() @ x.reshape(-1, ctx.in_features)
     if ctx.needs_input_grad[2]:
         grad_bias = g2.sum(0).to(ctx.bias_dtype)
-    return grad_x, grad_w, grad_bias, grad_block, None, None
+    return grad_x, grad_w, grad_bias, grad_block, None, None, None
 
 
 torch.library.register_autograd(

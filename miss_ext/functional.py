@@ -138,6 +138,7 @@ def miss_linear(
     dropout_p: float = 0.0,
     training: bool = True,
     seed: Optional[torch.Tensor] = None,
+    round_base: bool = False,
 ) -> torch.Tensor:
     """A frozen ``nn.Linear`` fused with its standard (``block`` ``(r, out)``) or mini
     (``block`` ``(r, mini_r)``) adapter: ``x W^T + b + tile_out(blocksum_r(dropout(x)) @ block)``.
@@ -146,12 +147,16 @@ def miss_linear(
     passes: the frozen GEMM accumulates into the adapter term in forward and into the adapter's
     input gradient in backward. Autograd keeps the ``N x r`` block sum, not ``x`` (unless the
     weight trains). ``x`` and ``weight`` share a dtype; ``block`` has it too or is wider (a float32
-    block on a bfloat16 layer: the mixed-precision path, PEFT's rounding, docs/MATH.md)."""
+    block on a bfloat16 layer: the mixed-precision path, PEFT's rounding, docs/MATH.md).
+
+    ``round_base``, with a block of x's dtype: the base output and the term are each rounded to
+    that dtype before their sum, PEFT's order of roundings (what autocast gives PEFT), instead of
+    the GEMM accumulating into the term (docs/MATH.md section 11.4)."""
     _checks.dropout_p("miss_ext.miss_linear", dropout_p)
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = dropout_seed()
-    return ops.miss_linear(x, weight, bias, block, p, seed)[0]
+    return ops.miss_linear(x, weight, bias, block, p, seed, round_base)[0]
 
 
 def bat_transform(weight: torch.Tensor, block: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

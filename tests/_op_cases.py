@@ -162,6 +162,9 @@ def _samples(device):
             (xb, w, None, torch.randn(4, 2, **f, requires_grad=True), 0.25, seed),
             (xbh, wh, None, torch.randn(4, 8, **f, requires_grad=True), 0.0, None),
             (xbh, wh, bias.detach().bfloat16(), torch.randn(4, 2, **f, requires_grad=True), 0.25, seed),
+            # round_base: autocast's path, the block a copy in x's half type
+            (xbh, wh, bias.detach().bfloat16(), torch.randn(4, 8, **f).bfloat16().requires_grad_(), 0.0, None, True),
+            (xbh, wh, None, torch.randn(4, 2, **f).bfloat16().requires_grad_(), 0.0, None, True),
         ],
         "miss_add_product": [(torch.randn(5, 8, **f, requires_grad=True), torch.randn(5, 4, **f, requires_grad=True),
                               torch.randn(4, 8, **f, requires_grad=True)),
@@ -286,11 +289,11 @@ def _grad_bat_linear(d):
             (lambda a, p, q: ops.bat_linear(a, w.detach(), None, [p, q]), (x, b1, b2))]
 
 
-def _grad_miss_linear(m, p):
+def _grad_miss_linear(m, p, round_base=False):
     def make(d):
         x, w, bias, block = rand64(2, 3, 10, device=d), rand64(8, 10, device=d), rand64(8, device=d), rand64(4, m, device=d)
         seed = torch.tensor([3]) if p > 0 else None
-        return [(lambda a, w_, c, b_: ops.miss_linear(a, w_, c, b_, p, seed), (x, w, bias, block))]
+        return [(lambda a, w_, c, b_: ops.miss_linear(a, w_, c, b_, p, seed, round_base), (x, w, bias, block))]
     return make
 
 
@@ -486,6 +489,11 @@ def _miss_linear_parity():
                                                    torch.randn(12, dtype=dt), 0.1 * torch.randn(8, 4, dtype=dt)),
                lambda o, x, w, c, b: torch.cat([t.flatten().to(x.dtype) for t in o.miss_linear(x, w, c, b, 0.3, PARITY_SEED)]),
                (torch.float64, torch.float32)),
+        # autocast's path: x, the weight and a copy of the block in one half type, PEFT's roundings
+        Parity("round-base-4x9x512", lambda dt: tuple(t.to(dt) for t in make(torch.float32)),
+               lambda o, x, w, c, b: o.miss_linear(x, w, c, b, 0.0, None, True)[0], HALF_DTYPES),
+        Parity("round-base-mini-4x9x512", lambda dt: tuple(t.to(dt) for t in make(torch.float32, 64)),
+               lambda o, x, w, c, b: o.miss_linear(x, w, c, b, 0.0, None, True)[0], HALF_DTYPES),
     ]
 
 
@@ -747,7 +755,9 @@ OPS: dict[str, OpCases] = {
     ),
     "miss_linear": OpCases(
         samples=_samples_of("miss_linear"),
-        gradcheck=[Grad("standard", _grad_miss_linear(8, 0.0)), Grad("mini-dropout", _grad_miss_linear(2, 0.3))],
+        gradcheck=[Grad("standard", _grad_miss_linear(8, 0.0)), Grad("mini-dropout", _grad_miss_linear(2, 0.3)),
+                   Grad("standard-round-base", _grad_miss_linear(8, 0.0, True)),
+                   Grad("mini-round-base", _grad_miss_linear(2, 0.0, True))],
         parity=_miss_linear_parity(),
         bad=[
             Bad("int-x", lambda: [torch.ones(2, 8, dtype=torch.int32), W12(), torch.randn(4, 12)],

@@ -90,7 +90,8 @@ def bat_unmerge(weight, block):
     return R.bat_unmerge(_d(weight), _d(block))
 
 
-def miss_linear(x, weight, bias, block, p, seed):
+def miss_linear(x, weight, bias, block, p, seed, round_base=False):
+    # round_base changes only where the half-type kernel rounds; in float64 the math is the same.
     x, block = _d(x), _d(block)
     s = R.blocksum(_dropout(x, p, seed), block.shape[0])
     y = F.linear(x, _d(weight), _d(bias))

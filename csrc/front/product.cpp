@@ -14,7 +14,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> miss_linear(const at::Tensor& x, const at::Tensor& weight,
                                                const std::optional<at::Tensor>& bias,
                                                const at::Tensor& block, double p,
-                                               const std::optional<at::Tensor>& seed) {
+                                               const std::optional<at::Tensor>& seed,
+                                               bool round_base) {
   MISS_EXT_NO_AUTOCAST;
   const char* op = "miss_linear";
   check_float(op, "x", x);
@@ -48,9 +49,11 @@ std::tuple<at::Tensor, at::Tensor> miss_linear(const at::Tensor& x, const at::Te
   at::Tensor s = blocksum_into(op, x, r, drop, block.scalar_type());
   const at::Tensor s2 = s.view({n, r});
   const at::Tensor blk = block.contiguous();
-  if (block.scalar_type() != x.scalar_type()) {
-    // Mixed precision, PEFT's rounding: the base output rounded in x's dtype (nn.Linear's own
-    // GEMM, so the same bits), plus the term in the block's precision, rounded once.
+  if (block.scalar_type() != x.scalar_type() || round_base) {
+    // PEFT's rounding: the base output rounded in x's dtype (nn.Linear's own GEMM, so the same
+    // bits), plus the term in the block's precision, rounded once. A block of x's half type is
+    // autocast's copy (round_base): its product is rounded to that type first, as autocast does
+    // for PEFT.
     at::Tensor y = at::linear(x, weight, b).contiguous();
     at::Tensor y2 = y.view({n, out_f});
     // In place on the CPU (each element is read, then written); CUDA's kernels take restrict
@@ -58,7 +61,11 @@ std::tuple<at::Tensor, at::Tensor> miss_linear(const at::Tensor& x, const at::Te
     at::Tensor out = x.is_cuda() ? at::empty_like(y) : y;
     at::Tensor out2 = out.view({n, out_f});
     if (n > 0 && out_f > 0) {
-      if (m == out_f) {
+      if (m == out_f && block.scalar_type() == x.scalar_type()) {
+        // One GEMM and one in-place pass: measured faster on CPU than rounding the product
+        // chunk by chunk inside miss_add_product.
+        at::add_out(out2, y2, at::mm(s2, blk));
+      } else if (m == out_f) {
         MISS_EXT_ON_DEVICE(x, miss_add_product, y2, s2, blk, out2);
       } else {
         MISS_EXT_ON_DEVICE(x, tile, at::mm(s2, blk), y2, DropoutArgs{}, out2);
@@ -138,7 +145,9 @@ void define_product(torch::Library& m) {
   // which backward needs (it is N x r: nothing weight- or input-sized is saved).
   // With a block wider than x (mixed precision) the base output is rounded in x's dtype and the
   // block-precision term added and rounded once, as PEFT does; S is in the block's dtype.
-  m.def("miss_linear(Tensor x, Tensor weight, Tensor? bias, Tensor block, float p, Tensor? seed) -> (Tensor, Tensor)");
+  // round_base (a block of x's dtype): PEFT's order of roundings instead of the GEMM accumulating
+  // into the term, the base output and the term each rounded before their sum (autocast).
+  m.def("miss_linear(Tensor x, Tensor weight, Tensor? bias, Tensor block, float p, Tensor? seed, bool round_base=False) -> (Tensor, Tensor)");
   // base + s @ block with the product in the block's precision, rounded once to base's dtype.
   m.def("miss_add_product(Tensor base, Tensor s, Tensor block) -> Tensor");
   // (s^T grad, grad block^T) in the block's precision, grad read in its own dtype.
