@@ -17,7 +17,6 @@ import torch
 
 from . import _checks
 from . import functional as MF
-from ._block_copy import block_as
 from ._ops_common import holds
 
 
@@ -80,9 +79,13 @@ def fused_output(linear: torch.nn.Linear, x: torch.Tensor, term) -> Optional[tor
     where the dtypes call for the unfused path.
 
     Without autocast: x in the weight's dtype and a block that holds it (PEFT's numbers). Under
-    autocast, for a model in the autocast dtype: the block's copy in that dtype is made once per
-    optimizer step (miss_ext._block_copy) and the op keeps PEFT's roundings (docs/MATH.md 11.4).
-    An fp32 model under autocast stays unfused: PEFT adds its two input gradients in fp32."""
+    autocast, for x in the autocast dtype: the weight and the block enter in that dtype, as
+    autocast casts them for PEFT, and the op keeps PEFT's roundings (docs/MATH.md 11.4). An x in
+    fp32 under autocast stays unfused: PEFT adds its two input gradients in fp32.
+
+    The block is cast on every call, as autocast does: a copy kept across calls would need to
+    know when the block changed, and torch's fused AdamW (the Trainer's default) updates it in
+    place without moving its version counter."""
     block, _, p = term
     dtype = autocast_dtype(x)
     if dtype is None:
@@ -93,7 +96,7 @@ def fused_output(linear: torch.nn.Linear, x: torch.Tensor, term) -> Optional[tor
         return None
     with autocast_off(x.device.type):
         return MF.miss_linear(
-            x, linear.weight.to(dtype), linear.bias, block_as(block, dtype), p, True, round_base=True
+            x, linear.weight.to(dtype), linear.bias, block.to(dtype), p, True, round_base=True
         )
 
 
