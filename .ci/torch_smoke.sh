@@ -115,7 +115,7 @@ EOF
 # --- smoke subset ----------------------------------------------------------------------------
 log "tests: gradcheck, opcheck, reference, layer, build"
 # From the copy's root: its miss_ext/ has no _C, so the import hands over to the installed build.
-(cd "$WORK/src" && "$PY" -m pytest -q -p no:cacheprovider tests/test_gradcheck.py tests/test_opcheck.py \
+(cd "$WORK/src" && "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_gradcheck.py tests/test_ops_opcheck.py \
   tests/test_ops_reference.py tests/test_layer.py tests/test_build.py 2>&1 | tail -4) |
   tee "$WORK/tests.log"
 grep -qE '^[0-9]+ passed' "$WORK/tests.log" && ! grep -qE '[0-9]+ (failed|error)' "$WORK/tests.log" ||

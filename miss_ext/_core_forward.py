@@ -80,8 +80,10 @@ def fused_output(linear: torch.nn.Linear, x: torch.Tensor, term) -> Optional[tor
 
     Without autocast: x in the weight's dtype and a block that holds it (PEFT's numbers). Under
     autocast, for x in the autocast dtype: the weight and the block enter in that dtype, as
-    autocast casts them for PEFT, and the op keeps PEFT's roundings (docs/MATH.md 11.4). An x in
-    fp32 under autocast stays unfused: PEFT adds its two input gradients in fp32.
+    autocast casts them for PEFT; the frozen GEMM accumulates into the rounded term, one rounding
+    of y fewer than PEFT's (mini with a bias: PEFT's roundings), and backward keeps PEFT's
+    roundings (docs/MATH.md 11.4). An x in fp32
+    under autocast stays unfused: PEFT adds its two input gradients in fp32.
 
     The block is cast on every call, as autocast does: a copy kept across calls would need to
     know when the block changed, and torch's fused AdamW (the Trainer's default) updates it in
@@ -94,9 +96,12 @@ def fused_output(linear: torch.nn.Linear, x: torch.Tensor, term) -> Optional[tor
         return MF.miss_linear(x, linear.weight, linear.bias, block, p, True)
     if x.dtype != dtype:
         return None
+    # mini with a bias would round (tiled term + bias) on its own: as many roundings as PEFT's,
+    # grouped differently, so it takes PEFT's order instead (Llama-style layers have no bias).
+    peft_order = linear.bias is not None and block.shape[-1] != linear.out_features
     with autocast_off(x.device.type):
         return MF.miss_linear(
-            x, linear.weight.to(dtype), linear.bias, block.to(dtype), p, True, round_base=True
+            x, linear.weight.to(dtype), linear.bias, block.to(dtype), p, True, round_base=peft_order
         )
 
 

@@ -8,10 +8,11 @@ Two setups: an fp32 model with ``bf16=True`` (autocast over fp32 weights) and a 
 
 Tolerance: 4e-3 absolute on losses of about 4.8, over 3 steps. Under bf16 autocast every matmul
 output is rounded to bf16 (8 significant bits, a relative unit roundoff of 2^-8 = 3.9e-3), and
-miss_ext rounds at other points than PEFT (mini: it sums the output gradient over the tiles
-before the bf16 GEMM, PEFT after), so single activations and gradients may differ by a bf16
-rounding step; the loss, a mean over 64 tokens, moves far less (at most 8e-4 measured over these
-3 steps; standard matches bit for bit). Longer runs are not compared: on this tiny model Adam
+miss_ext rounds at other points than PEFT (on a bf16 model its forward rounds y once fewer,
+docs/MATH.md 11.4; mini: it sums the output gradient over the tiles before the bf16 GEMM, PEFT
+after), so single activations and gradients may differ by a bf16 rounding step; the loss, a mean
+over 64 tokens, moves far less (at most 8e-4 measured over these 3 steps, except mini on a bf16
+model: LATER_TOL). Longer runs are not compared: on this tiny model Adam
 amplifies such differences chaotically (scaling PEFT's own blocks by 1 + 1e-3 moves PEFT's
 mini loss by up to 9e-3 after 5 steps). Each variant's loss drops by more than 5 * 4e-3 within
 the 3 steps (asserted), so a missing, frozen or wrong adapter term would not pass.
@@ -37,6 +38,11 @@ from _models import PROJECTIONS as TARGETS, VARIANT_NAMES as VARIANTS, load, mis
 STEPS = 3
 LR = {"standard": 3e-3, "mini": 1e-2, "bat": 1e-3}  # each variant's loss drops by > 5 * TOL
 TOL = 4e-3
+# mini on a bf16 model: our forward rounds once fewer than PEFT's (docs/MATH.md 11.4), so the
+# first loss differs by a rounding (6e-4 measured) and Adam, at mini's lr of 1e-2, amplifies it:
+# 7.3e-3 measured at the third step, our loss the lower. PEFT's own mini loss moves by as much
+# when its blocks are scaled by 1 + 1e-3 (module docstring).
+LATER_TOL = {("mini", torch.bfloat16): 1e-2}
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +121,10 @@ def test_trainer_bf16_losses_match_peft(llama_dir, dtype, variant):
     print(f"\n{variant} {dtype}: peft {['%.5f' % v for v in want]}\n  patched {['%.5f' % v for v in patched]}"
           f"\n  injected {['%.5f' % v for v in injected]}")
     assert all(not torch.equal(a, b) for a, b in zip(before, blocks)), "an injected block did not train"
-    torch.testing.assert_close(torch.tensor(patched), torch.tensor(want), rtol=0, atol=TOL)
-    torch.testing.assert_close(torch.tensor(injected), torch.tensor(want), rtol=0, atol=TOL)
+    later = LATER_TOL.get((variant, dtype), TOL)
+    for got in (patched, injected):
+        # the first step sees the same blocks: its loss is the forward's alone
+        assert abs(got[0] - want[0]) <= TOL / 2, (got[0], want[0])
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=0, atol=later)
     # The tolerance is meaningful: the loss moves by several times TOL over these steps.
     assert want[0] - want[-1] > 5 * TOL, f"PEFT itself did not learn enough: {want}"
