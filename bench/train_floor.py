@@ -13,15 +13,20 @@ size r, the floor of standard MiSS adds to the frozen layer's forward and backwa
   (``N x in x out``), with 6, 3 and 2 pieces (bench/floor.py, docs/MATH.md section 11.3);
 * the tiled-gradient add: one pass (read and write) over ``dL/dx`` (``N x in``).
 
+and, once per step, the optimizer: gradient clipping (when the run clips) and the AdamW step
+over every adapted layer's block (``r x out``; mini ``r x mini_r``), fp32 as ``get_peft_model``
+leaves them, with the run's own optimizer settings. The frozen step has no optimizer; a step
+that trains the blocks cannot skip theirs.
+
 Mini's products are ``N x r x mini_r`` (counted the same way; they are small) and its ``dL/dD``
 needs G folded to ``N x mini_r`` first: one more read, of G (``N x out``), by the faster reader.
 Adding the forward term into y is not counted: a GEMM with an accumulating epilogue does it.
 BAT has no floor row here (its floor is GEMM-bound: ``python -m bench floor``).
 
 The floor's step time is the frozen model's measured step (median, from the same run) plus the
-sum of these parts' medians over every adapted layer; its ratio is that over the frozen step. It
-counts no optimizer step (AdamW over r x out blocks is small next to the rest) and no Python or
-autograd overhead: a lower bound for any implementation with these numerics, not an estimate.
+sum of these parts' medians over every adapted layer, plus the optimizer's; its ratio is that
+over the frozen step. It counts no Python or autograd overhead: a lower bound for any
+implementation with these numerics, not an estimate.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import torch.nn.functional as F
 
 from . import timing
 from .floor import product_time
-from .train_bench import TARGETS, TrainConfig
+from .train_bench import TARGETS, TrainConfig, optimizer
 
 FLOOR_VARIANTS = ("standard", "mini")
 
@@ -110,6 +115,26 @@ def layer_floor_ms(t: Dict[str, float], variant: str, n: int, fin: int, fout: in
     return out
 
 
+def optimizer_ms(cfg: TrainConfig, targets: str, variant: str, device, warmup: int, repeats: int) -> float:
+    """Clipping (if the run clips) and one AdamW step over the variant's fp32 blocks (ms)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    params = []
+    for (fin, fout), count in layer_shapes(cfg, targets).items():
+        m = fout if variant == "standard" else cfg.mini_r
+        for _ in range(count):
+            p = torch.nn.Parameter(torch.zeros(cfg.r, m, device=device))
+            p.grad = (1e-3 * torch.randn(cfg.r, m, generator=g)).to(device)
+            params.append(p)
+    opt = optimizer(params, cfg)
+
+    def step():
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+
+    return _time({"opt": step}, device, warmup, repeats)["opt"]
+
+
 def floor_rows(cfg: TrainConfig, targets: str, dtype, frozen_ms: float, device="cpu", variants=FLOOR_VARIANTS,
                warmup: int = 2, repeats: int = 5) -> List[Dict]:
     """One row per variant: the frozen step ``frozen_ms`` plus the parts of every adapted layer
@@ -121,6 +146,8 @@ def floor_rows(cfg: TrainConfig, targets: str, dtype, frozen_ms: float, device="
         for v in variants:
             for k, ms in layer_floor_ms(t, v, n, fin, fout, cfg, cfg.autocast).items():
                 totals[v][k] += count * ms
+    for v in variants:
+        totals[v]["optimizer"] = optimizer_ms(cfg, targets, v, device, warmup, repeats)
     rows = []
     for v in variants:
         extra = sum(totals[v].values())

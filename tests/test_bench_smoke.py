@@ -312,6 +312,23 @@ def test_train_floor_parts():
     assert mini["read_g"] == 0.1 and mini["products"] == pytest.approx(0.6)
 
 
+def test_train_floor_rows_count_the_optimizer():
+    """A floor row is the frozen step plus every layer's parts plus the optimizer over the blocks
+    (clipping and AdamW, as the run is configured), each part named in floor_parts_ms."""
+    from bench.train_bench import TrainConfig
+    from bench.train_floor import floor_rows
+
+    cfg = TrainConfig(layers=1, hidden=32, intermediate=48, heads=2, vocab=64, seq=8, batch=1, r=4, mini_r=4,
+                      grad_clip=1.0)
+    rows = floor_rows(cfg, "qv", torch.float32, frozen_ms=1.0, warmup=0, repeats=1)
+    assert [r["variant"] for r in rows] == ["standard", "mini"]
+    for row in rows:
+        parts = dict(kv.split("=") for kv in row["floor_parts_ms"].split())
+        assert set(parts) >= {"read_x", "products", "grad_add", "optimizer"} and float(parts["optimizer"]) > 0
+        assert row["step_ms"] == pytest.approx(1.0 + row["floor_extra_ms"])
+        assert row["floor_extra_ms"] == pytest.approx(sum(float(v) for v in parts.values()), rel=1e-2)
+
+
 def test_bench_imports_no_cycle():
     """No bench module imports the command line back, and bench's own modules are imported at
     the top of a file, never inside a function (issue 18)."""
