@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--targets", default=None, help="comma list of qv (q_proj,v_proj) and all (every "
                    "linear but lm_head); default: the preset's (step: all,qv)")
     t.add_argument("--no-lora", action="store_true", help="leave out the PEFT LoRA row")
-    t.add_argument("--no-floor", action="store_true", help="leave out the floor rows (standard, mini)")
+    t.add_argument("--no-floor", action="store_true", help="leave out the floor rows (standard, mini, bat)")
     return p
 
 

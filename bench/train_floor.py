@@ -21,7 +21,14 @@ that trains the blocks cannot skip theirs.
 Mini's products are ``N x r x mini_r`` (counted the same way; they are small) and its ``dL/dD``
 needs G folded to ``N x mini_r`` first: one more read, of G (``N x out``), by the faster reader.
 Adding the forward term into y is not counted: a GEMM with an accumulating epilogue does it.
-BAT has no floor row here (its floor is GEMM-bound: ``python -m bench floor``).
+
+BAT's floor is GEMM-bound. Its block gradient needs ``G^T x`` (``out x in``: the flops of the
+frozen forward GEMM), timed as the cheaper of aten's bf16 product and the frozen bf16 GEMM; and
+``W' = W (I + B) + B`` is formed in forward and again in backward (nothing weight-sized is kept):
+each time one pass over W plus ``2 r in out`` flops at the frozen GEMM's rate, and the
+contraction of ``G^T x`` to the block gradient another ``2 r in out``. Without autocast the
+flops count 2 (transform) and 3 (contraction) bf16 pieces for fp32 accuracy (docs/MATH.md
+section 11.3; as ``python -m bench floor``), under autocast one.
 
 The floor's step time is the frozen model's measured step (median, from the same run) plus the
 sum of these parts' medians over every adapted layer, plus the optimizer's; its ratio is that
@@ -43,7 +50,7 @@ from . import timing
 from .floor import product_time
 from .train_bench import TARGETS, TrainConfig, optimizer
 
-FLOOR_VARIANTS = ("standard", "mini")
+FLOOR_VARIANTS = ("standard", "mini", "bat")
 
 
 def layer_shapes(cfg: TrainConfig, targets: str) -> Counter:
@@ -69,7 +76,9 @@ def _parts(n: int, fin: int, fout: int, cfg: TrainConfig, dtype, autocast: bool,
     w16 = torch.randn(fout, fin, dtype=torch.bfloat16, device=device)
     x16 = x.to(torch.bfloat16)
     prod = torch.bfloat16 if autocast else torch.float32
-    parts: Dict[str, Callable] = {"bf16_gemm": lambda: F.linear(x16, w16), "pass_dx": lambda: dx.copy_(x)}
+    w_copy, g16 = torch.empty_like(w16), g.to(torch.bfloat16)
+    parts: Dict[str, Callable] = {"bf16_gemm": lambda: F.linear(x16, w16), "pass_dx": lambda: dx.copy_(x),
+                                  "pass_w": lambda: w_copy.copy_(w16), "bat_gw": lambda: g16.t() @ x16}
     parts.update({f"read_x_{k}": f for k, f in _read(x, cfg.r).items()})
     parts.update({f"read_g_{k}": f for k, f in _read(g, cfg.mini_r).items()})
     for v, m in (("standard", fout), ("mini", cfg.mini_r)):
@@ -101,12 +110,18 @@ def _time(fns: Dict[str, Callable], device, warmup: int, repeats: int) -> Dict[s
 def layer_floor_ms(t: Dict[str, float], variant: str, n: int, fin: int, fout: int, cfg: TrainConfig,
                    autocast: bool) -> Dict[str, float]:
     """The floor's parts (ms) for one layer from the part medians ``t``."""
+    rate = 2.0 * n * fin * fout / t["bf16_gemm"]  # flops per ms of the layer's own bf16 GEMM
+    if variant == "bat":
+        transform_pieces, contraction_pieces = (1, 1) if autocast else (2, 3)
+        flops = 2.0 * cfg.r * fin * fout
+        return {"gw": min(t["bat_gw"], t["bf16_gemm"]),
+                "transform": 2 * (t["pass_w"] + transform_pieces * flops / rate),
+                "contraction": contraction_pieces * flops / rate}
     m = fout if variant == "standard" else cfg.mini_r
     flops = 2.0 * n * cfg.r * m
     if autocast:
         products = t[f"{variant}_fwd"] + t[f"{variant}_dd"] + t[f"{variant}_ds"]
     else:
-        rate = 2.0 * n * fin * fout / t["bf16_gemm"]
         products = sum(product_time(t[f"{variant}_{k}"], flops, pieces, rate)
                        for k, pieces in (("fwd", 6), ("dd", 3), ("ds", 2)))
     out = {"read_x": min(t["read_x_sum"], t["read_x_blocksum"]), "products": products, "grad_add": t["pass_dx"]}
@@ -120,7 +135,7 @@ def optimizer_ms(cfg: TrainConfig, targets: str, variant: str, device, warmup: i
     g = torch.Generator().manual_seed(cfg.seed)
     params = []
     for (fin, fout), count in layer_shapes(cfg, targets).items():
-        m = fout if variant == "standard" else cfg.mini_r
+        m = cfg.mini_r if variant == "mini" else fout  # BAT's (out/r, r, r) holds r x out too
         for _ in range(count):
             p = torch.nn.Parameter(torch.zeros(cfg.r, m, device=device))
             p.grad = (1e-3 * torch.randn(cfg.r, m, generator=g)).to(device)

@@ -30,8 +30,8 @@ Rows (one training run each, all from the same initial weights, on the same batc
   (``--impls``; in the default only for ``metamathqa``);
 * ``lora``: PEFT's LoRA (r=32, lora_alpha=64) on the same targets, the method users pick instead.
 
-After each configuration's rows, :mod:`bench.train_floor` adds the floor rows for standard and
-mini MiSS (the frozen step plus the work no implementation can avoid).
+After each configuration's rows, :mod:`bench.train_floor` adds the floor rows for standard,
+mini and BAT MiSS (the frozen step plus the work no implementation can avoid).
 """
 
 from __future__ import annotations
@@ -338,7 +338,7 @@ def run_preset(cfg: TrainConfig, preset: Preset, dtypes, targets, variants, devi
                progress: bool = True, autocast=(False,), impls=IMPLS, floor: bool = True,
                floor_repeats: int = 5) -> List[Dict]:
     """Every row for each (dtype, targets, autocast), in that order; each configuration's rows
-    (``entries``) run interleaved, followed by its floor rows (standard and mini, when ``floor``
+    (``entries``) run interleaved, followed by its floor rows (standard, mini, bat, when ``floor``
     and those variants run) measured right after them."""
     rows = entries(variants, lora, impls)
     combos = [(d, t, a) for d in dtypes for t in targets for a in autocast]

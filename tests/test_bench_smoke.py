@@ -310,6 +310,14 @@ def test_train_floor_parts():
     assert off["products"] == pytest.approx(6 * small / rate + 0.01 + 2 * small / rate)
     mini = layer_floor_ms(t, "mini", n, fin, fout, cfg, autocast=True)
     assert mini["read_g"] == 0.1 and mini["products"] == pytest.approx(0.6)
+    # BAT: G^T x at the cheaper of its own product and the frozen GEMM, W' formed twice (a pass
+    # over W and 2 r in out flops each), the contraction; fp32 accuracy in pieces without autocast
+    t.update({"bat_gw": 1.5, "pass_w": 0.25})
+    bat_flops = 2.0 * cfg.r * fin * fout
+    assert layer_floor_ms(t, "bat", n, fin, fout, cfg, autocast=True) == pytest.approx(
+        {"gw": 1.0, "transform": 2 * (0.25 + bat_flops / rate), "contraction": bat_flops / rate})
+    assert layer_floor_ms(t, "bat", n, fin, fout, cfg, autocast=False) == pytest.approx(
+        {"gw": 1.0, "transform": 2 * (0.25 + 2 * bat_flops / rate), "contraction": 3 * bat_flops / rate})
 
 
 def test_train_floor_rows_count_the_optimizer():
@@ -321,10 +329,12 @@ def test_train_floor_rows_count_the_optimizer():
     cfg = TrainConfig(layers=1, hidden=32, intermediate=48, heads=2, vocab=64, seq=8, batch=1, r=4, mini_r=4,
                       grad_clip=1.0)
     rows = floor_rows(cfg, "qv", torch.float32, frozen_ms=1.0, warmup=0, repeats=1)
-    assert [r["variant"] for r in rows] == ["standard", "mini"]
+    assert [r["variant"] for r in rows] == ["standard", "mini", "bat"]
     for row in rows:
         parts = dict(kv.split("=") for kv in row["floor_parts_ms"].split())
-        assert set(parts) >= {"read_x", "products", "grad_add", "optimizer"} and float(parts["optimizer"]) > 0
+        want = {"gw", "transform", "contraction"} if row["variant"] == "bat" else {"read_x", "products", "grad_add"}
+        assert set(parts) == want | {"optimizer"} | ({"read_g"} if row["variant"] == "mini" else set())
+        assert float(parts["optimizer"]) > 0
         assert row["step_ms"] == pytest.approx(1.0 + row["floor_extra_ms"])
         assert row["floor_extra_ms"] == pytest.approx(sum(float(v) for v in parts.values()), rel=1e-2)
 
