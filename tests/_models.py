@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import transformers
 
+from miss_ext.layer import INIT_WEIGHTS
+
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 R = 4
 # Zero-init variants: their documented init is what reset_adapter_parameters re-applies.
@@ -31,7 +33,8 @@ SMALL = dict(TINY, vocab_size=128, hidden_size=64, intermediate_size=128, max_po
 
 # The training-setup tests adapt every projection of SMALL.
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-INIT = {"standard": True, "mini": "mini", "bat": "bat"}
+# The variant -> init_weights table is the package's (one table, miss_ext._core_variants).
+INIT = INIT_WEIGHTS
 VARIANT_NAMES = list(INIT)
 
 

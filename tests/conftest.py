@@ -14,6 +14,12 @@ for _name in ("torchao", "bitsandbytes", "torch.utils._pytree"):
 
 import miss_ext  # noqa: F401  (loads torch.ops.miss_ext)
 
+from miss_ext.layer import INIT_WEIGHTS  # noqa: E402  (the one variant -> init_weights table)
+
+# INIT_WEIGHTS with standard's block drawn at random (init_weights=False): a nonzero term from the
+# first call, for tests that compare outputs before any training.
+INIT_RANDOM = {**INIT_WEIGHTS, "standard": False}
+
 HAS_CUDA = torch.cuda.is_available() and miss_ext.build_info()["cuda"]
 
 # Devices every kernel test runs on; CUDA cases skip (never pass) without a GPU build + device.

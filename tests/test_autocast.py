@@ -18,7 +18,7 @@ peft = pytest.importorskip("peft")
 from peft import MissConfig  # noqa: E402
 from peft.tuners.miss.layer import MissLinear as PeftMissLinear  # noqa: E402
 
-INIT = {"standard": True, "mini": "mini"}
+from _models import INIT  # noqa: E402
 
 
 def layer_pair(variant, in_f, out_f, r, mini_r, dtype, device="cpu", bias=True):

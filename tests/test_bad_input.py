@@ -43,7 +43,7 @@ from miss_ext.inject import miss_layers, set_adapter
 
 from _op_cases import OPS, params
 from _snapshots import assert_layer_unchanged, bit_equal, check_fails_unchanged, check_raises, layer_state
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, INIT_RANDOM
 
 ops = torch.ops.miss_ext
 SEED = torch.tensor([7], dtype=torch.int64)
@@ -289,7 +289,7 @@ class LinearLike(nn.Module):
 def _layer(init="standard", in_f=8, out_f=12, r=4, base=None, **kw):
     torch.manual_seed(0)
     base = base if base is not None else nn.Linear(in_f, out_f)
-    init_weights = {"standard": False, "mini": "mini", "bat": "bat"}[init]
+    init_weights = INIT_RANDOM[init]
     layer = miss_ext.MissLinear(base, r=r, init_weights=init_weights, **kw)
     with torch.no_grad():
         for blk in layer.miss_block.values():
@@ -438,7 +438,7 @@ def test_not_linear_like():
 
 def _square_layer(init="standard", in_f=8, out_f=8, r=4, **kw):
     torch.manual_seed(0)
-    init_weights = {"standard": False, "mini": "mini", "bat": "bat"}[init]
+    init_weights = INIT_RANDOM[init]
     layer = miss_ext.MissLinear(nn.Linear(in_f, out_f), r=r, init_weights=init_weights, mini_r=4, **kw)
     with torch.no_grad():
         for blk in layer.miss_block.values():

@@ -202,8 +202,8 @@ def test_preset_tiny_run(tmp_path, capsys):
     assert "bat/default" in text and "loss after 3 steps" in text
     with open(out_csv) as f:
         rows = {(r["impl"], r["variant"]): r for r in csv.DictReader(f)}
-    assert len(rows) == 15  # frozen, 12 implementation rows as before, floor standard and mini
-    floors = {k: rows.pop(k) for k in [("floor", "standard"), ("floor", "mini")]}
+    assert len(rows) == 16  # frozen, 12 implementation rows as before, floor standard, mini and bat
+    floors = {k: rows.pop(k) for k in [("floor", "standard"), ("floor", "mini"), ("floor", "bat")]}
     assert all(float(r["x_frozen"]) > 1 for r in floors.values())
     for (impl, variant), r in rows.items():
         assert r["dtype"] == "bfloat16" and r["autocast"] == "False" and r["preset"] == "metamathqa"
@@ -234,7 +234,7 @@ def test_preset_autocast_flag(tmp_path):
     assert all(r["autocast"] == "True" for r in rows)
     trained = [r for r in rows if r["impl"] != "floor"]
     assert len(trained) == 9 and all(r["loss_ok"] == "True" for r in trained)  # frozen + the 8 MiSS rows
-    assert [(r["impl"], r["variant"]) for r in rows if r["impl"] == "floor"] == [("floor", "standard")]
+    assert [(r["impl"], r["variant"]) for r in rows if r["impl"] == "floor"] == [("floor", "standard"), ("floor", "bat")]
 
 
 def test_step_default_tiny(tmp_path, capsys):

@@ -16,7 +16,7 @@ from conftest import assert_close
 from peft import MissConfig  # noqa: E402
 from peft.tuners.miss.layer import MissLinear as PeftMissLinear  # noqa: E402
 
-INIT = {"standard": False, "mini": "mini", "bat": "bat"}
+from conftest import INIT_RANDOM as INIT  # noqa: E402
 # (variant, in, out, r, mini_r): in % r != 0 only where the variant allows it.
 CASES = [
     ("standard", 64, 48, 8, 1),
@@ -372,7 +372,7 @@ def rel_err_max(actual, expected):
 
 def make_oracle_pair(variant, in_f, out_f, r, mini_r, dtype):
     base = nn.Linear(in_f, out_f).to(dtype)
-    init = {"standard": True, "mini": "mini", "bat": "bat"}[variant]
+    init = miss_ext.layer.INIT_WEIGHTS[variant]
     ours = miss_ext.MissLinear(base, r=r, mini_r=mini_r, init_weights=init)
     cfg = MissConfig(r=r, mini_r=mini_r, init_weights=init)
     theirs = PeftMissLinear(nn.Linear(in_f, out_f).to(dtype), "default", config=cfg, r=r)

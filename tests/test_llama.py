@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 import _models  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-INIT = {"standard": True, "mini": "mini", "bat": "bat"}
+from _models import INIT  # noqa: E402
 LR = {"standard": 1e-2, "mini": 1e-2, "bat": 3e-3}
 STEPS = 6
 

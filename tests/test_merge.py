@@ -13,7 +13,7 @@ from conftest import assert_close
 from peft import MissConfig  # noqa: E402
 from peft.tuners.miss.layer import MissLinear as PeftMissLinear  # noqa: E402
 
-INIT = {"standard": False, "mini": "mini", "bat": "bat"}
+from conftest import INIT_RANDOM as INIT  # noqa: E402
 SHAPES = {"standard": (70, 48, 16, 1), "mini": (64, 48, 8, 12), "bat": (64, 48, 8, 1)}
 
 

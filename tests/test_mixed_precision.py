@@ -25,7 +25,7 @@ from peft import MissConfig  # noqa: E402
 from peft.tuners.miss.layer import MissLinear as PeftMissLinear  # noqa: E402
 
 HALF = [torch.bfloat16, torch.float16]
-INIT = {"standard": True, "mini": "mini", "bat": "bat"}
+from _models import INIT  # noqa: E402
 
 
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from peft import MissConfig, PeftModel, get_peft_model  # noqa: E402
 import _models  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-INIT = {"standard": True, "mini": "mini", "bat": "bat"}
+from _models import INIT  # noqa: E402
 API = ["inject", "set_adapter", "adapters_disabled", "merge_adapters", "unmerge_adapters",
        "merge_and_unload", "unload", "save_adapter", "load_adapter"]
 

@@ -32,7 +32,7 @@ from miss_ext import reference as ref
 from miss_ext.functional import dropout_seed
 
 from _strategies import DTYPES, FEATURES, LAYOUTS, LEAD, TOKENS, examples, magnitudes, make_tensor
-from conftest import DEVICES, TOLERANCES, assert_close
+from conftest import DEVICES, INIT_RANDOM, TOLERANCES, assert_close
 
 ops = torch.ops.miss_ext
 
@@ -412,7 +412,7 @@ def test_miss_linear_parity(device, case):
         if case["bias"]:
             base.bias.copy_(make_tensor((out_f,), dtype, seed=seed + 1, device=device))
     first = case["adapters"][0]
-    init = {"standard": False, "mini": "mini", "bat": "bat"}
+    init = INIT_RANDOM
     layer = miss_ext.MissLinear(base, r=first[1], mini_r=first[2], init_weights=init[first[0]], miss_dropout=first[3])
     names = ["default"]
     for k, (kind, rr, m, p) in enumerate(case["adapters"][1:], 1):

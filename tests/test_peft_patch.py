@@ -18,7 +18,7 @@ from conftest import assert_close
 import peft.tuners.miss.layer as peft_layer  # noqa: E402
 from peft import MissConfig, PeftModel, get_peft_model  # noqa: E402
 
-INIT = {"standard": False, "mini": "mini", "bat": "bat"}
+from conftest import INIT_RANDOM as INIT  # noqa: E402
 TARGETS = ["fc1", "fc2", "fc3"]
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import miss_ext
 
-INIT = {"standard": False, "mini": "mini", "bat": "bat"}
+from conftest import INIT_RANDOM as INIT  # noqa: E402
 
 
 def _model(variant, p, seed):
