@@ -102,6 +102,19 @@ def token_batch(n: int = 4, length: int = 16, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, SMALL["vocab_size"], (n, length), generator=torch.Generator().manual_seed(seed))
 
 
+def adam_losses(model, ids: torch.Tensor, steps: int, lr: float = 1e-2) -> list:
+    """The loss of each of ``steps`` AdamW steps of ``model``'s trainable parameters on ``ids``."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def randomize_all_blocks(model, seed: int = 3) -> None:
     """Every adapter block to small random values (the same for every model with the same
     targets), so the adapters shape the loss from the first step on."""

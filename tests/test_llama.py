@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 import _models  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-from _models import INIT  # noqa: E402
+from _models import INIT, adam_losses, token_batch  # noqa: E402
 LR = {"standard": 1e-2, "mini": 1e-2, "bat": 3e-3}
 STEPS = 6
 
@@ -27,18 +27,8 @@ def base_model():
 
 
 def train(model, steps=STEPS, lr=1e-2):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 128, (4, 16), generator=gen)
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses, sum(p.numel() for p in params)
+    losses = adam_losses(model, token_batch(4, 16), steps, lr)  # SMALL's vocabulary: 128
+    return losses, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("variant", ["standard", "mini", "bat"])

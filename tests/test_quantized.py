@@ -28,7 +28,7 @@ import miss_ext.peft as mp  # noqa: E402
 from miss_ext.inject import adapters_disabled, miss_layers  # noqa: E402
 from peft import MissConfig, get_peft_model  # noqa: E402
 
-from _models import PROJECTIONS as TARGETS, VARIANT_NAMES as VARIANTS, load, miss_kwargs, randomize_all_blocks as randomize_blocks, save_tiny_llama, token_batch  # noqa: E402
+from _models import adam_losses, PROJECTIONS as TARGETS, VARIANT_NAMES as VARIANTS, load, miss_kwargs, randomize_all_blocks as randomize_blocks, save_tiny_llama, token_batch  # noqa: E402
 
 QUANTS = ["bnb-4bit", "bnb-8bit", "torchao-int8wo"]
 STEPS = 3
@@ -121,16 +121,7 @@ def assert_same_base(before, after):
 def train(model):
     params = [p for p in model.parameters() if p.requires_grad]
     assert params and all(p.dtype == torch.float32 for p in params)
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    ids = token_batch(2, 16)
-    losses = []
-    for _ in range(STEPS):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return adam_losses(model, token_batch(2, 16), STEPS)
 
 
 def peft_model(llama_dir, quant, variant):
