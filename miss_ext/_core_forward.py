@@ -82,8 +82,8 @@ def fused_output(linear: torch.nn.Linear, x: torch.Tensor, term) -> Optional[tor
     autocast, for x in the autocast dtype: the weight and the block enter in that dtype, as
     autocast casts them for PEFT; the frozen GEMM accumulates into the rounded term, one rounding
     of y fewer than PEFT's (mini with a bias: PEFT's roundings), and backward keeps PEFT's
-    roundings (docs/MATH.md 11.4). An x in fp32
-    under autocast stays unfused: PEFT adds its two input gradients in fp32.
+    roundings (docs/MATH.md 11.4). An x in fp32 under autocast stays unfused: PEFT adds its two
+    input gradients in fp32.
 
     The block is cast on every call, as autocast does: a copy kept across calls would need to
     know when the block changed, and torch's fused AdamW (the Trainer's default) updates it in

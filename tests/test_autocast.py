@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import miss_ext
+from miss_ext import reference as R
 from conftest import DEVICES
 
 peft = pytest.importorskip("peft")
@@ -37,14 +38,12 @@ def float64_parts(layer, x):
     """The layer PEFT computes under bf16 autocast, in float64 on the same bf16 operands (x, W, b
     and the block rounded to bf16 as autocast rounds them; the term from the bf16 block sum, as
     both compute it): x W^T, the bias, the tiled term S D, and the whole output."""
-    base = getattr(layer, "base_layer", None) or layer.base
+    base = layer.base_layer
     d = lambda t: t.detach().bfloat16().double()
     block = d(layer.miss_block["default"])
-    r = block.shape[0]
     xd = d(x)
-    s = torch.nn.functional.pad(xd, (0, (-xd.shape[-1]) % r)).reshape(*xd.shape[:-1], -1, r).sum(-2)
-    term = s.bfloat16().double() @ block
-    term = term.repeat(*([1] * (term.dim() - 1)), base.out_features // block.shape[1])
+    s = R.blocksum(xd, block.shape[0]).bfloat16().double()
+    term = s @ R.mini_block_expand(block, base.out_features)  # the block itself for standard
     bias = torch.zeros(base.out_features, dtype=torch.float64) if base.bias is None else d(base.bias)
     xw = xd @ d(base.weight).T
     return xw, bias, term, xw + bias + term

@@ -16,7 +16,6 @@ transformers = pytest.importorskip("transformers")
 import _models  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-from _models import INIT, adam_losses, token_batch  # noqa: E402
 LR = {"standard": 1e-2, "mini": 1e-2, "bat": 3e-3}
 STEPS = 6
 
@@ -27,13 +26,13 @@ def base_model():
 
 
 def train(model, steps=STEPS, lr=1e-2):
-    losses = adam_losses(model, token_batch(4, 16), steps, lr)  # SMALL's vocabulary: 128
+    losses = _models.adam_losses(model, _models.token_batch(4, 16), steps, lr)  # SMALL's vocabulary: 128
     return losses, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("variant", ["standard", "mini", "bat"])
 def test_training_matches_peft(base_model, variant):
-    kw = dict(r=8, mini_r=8, init_weights=INIT[variant])
+    kw = dict(r=8, mini_r=8, init_weights=_models.INIT[variant])
     lr = LR[variant]
     peft_model = get_peft_model(copy.deepcopy(base_model), MissConfig(target_modules=TARGETS, **kw))
     want, n_peft = train(peft_model, lr=lr)
@@ -65,7 +64,7 @@ def test_bf16_model_with_fp32_adapters_tracks_peft(base_model, variant):
     autocast, q/v. Both BAT modes ("base": bf16 GEMMs on W' rounded once; "promote": PEFT's fp32
     promotion) follow PEFT's loss curve; standard and mini give PEFT's numbers."""
     model = copy.deepcopy(base_model).to(torch.bfloat16)
-    kw = dict(r=8, mini_r=8, init_weights=INIT[variant])
+    kw = dict(r=8, mini_r=8, init_weights=_models.INIT[variant])
     lr = LR[variant]
     targets = ["q_proj", "v_proj"]
     peft_model = get_peft_model(copy.deepcopy(model), MissConfig(target_modules=targets, **kw))

@@ -78,14 +78,16 @@ std::tuple<at::Tensor, at::Tensor> miss_linear(const at::Tensor& x, const at::Te
   // final shape so the result is not a view.
   at::Tensor y = at::empty(with_last(x, out_f), x.options());
   at::Tensor y2 = y.view({n, out_f});
-  if (m == out_f && b.has_value()) {
-    at::addmm_out(y2, *b, s2, blk);  // the bias rides in the term's GEMM: one rounding, no pass
-  } else if (m == out_f) {
-    at::mm_out(y2, s2, blk);
-  } else if (n > 0 && out_f > 0) {
-    MISS_EXT_ON_DEVICE(x, tile, at::mm(s2, blk), at::Tensor(), DropoutArgs{}, y2);
+  if (m == out_f) {
+    if (b.has_value()) {
+      at::addmm_out(y2, *b, s2, blk);  // the bias rides in the term's GEMM: one rounding, no pass
+    } else {
+      at::mm_out(y2, s2, blk);
+    }
+  } else {
+    if (n > 0 && out_f > 0) MISS_EXT_ON_DEVICE(x, tile, at::mm(s2, blk), at::Tensor(), DropoutArgs{}, y2);
+    if (b.has_value()) y2.add_(*b);
   }
-  if (b.has_value() && m != out_f) y2.add_(*b);
   y2.addmm_(x2, weight.t());
   return {y, s};
 }
