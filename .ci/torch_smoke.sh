@@ -93,7 +93,9 @@ PYEOF
 )"
   [[ "$pin" == "Requires-Dist: torch==$VERSION" ]] || die "the wheel requires '$pin', not torch==$VERSION"
   log "  $(basename "$whl"): $pin"
-  "$PY" -m pip install -q "$whl" || die "the wheel did not install"
+  # The venv is cached across runs and the version does not change with the sources: without
+  # --force-reinstall pip keeps the previous run's build and the tests import stale code.
+  "$PY" -m pip install -q --force-reinstall --no-deps "$whl" || die "the wheel did not install"
 fi
 log "  built and installed in $(($(date +%s) - start)) s"
 
