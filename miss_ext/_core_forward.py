@@ -115,12 +115,15 @@ def bat_output(
     """``x W'^T + b`` for BAT blocks composed in order, in the compute dtype :func:`bat_dtype`
     picks. Blocks narrower than the compute dtype are cast up."""
     dtype = bat_dtype(x, weight, blocks, precision)
+    # Under autocast PEFT's products take the block and dL/dW' rounded to the autocast dtype, so
+    # ours may too (docs/MATH.md section 11.4): one bf16 piece instead of two or three.
+    half_products = autocast_dtype(x) is not None
     x = x.to(dtype)
     blocks = [b if holds(dtype, b.dtype) else b.to(dtype) for b in blocks]
     # The BAT kernels call aten GEMMs internally; a live autocast would recast those and break
     # the kernels' dtype contract, so the op runs with autocast off (the dtype is chosen above).
     with autocast_off(x.device.type):
-        return MF.bat_linear(x, weight, bias, blocks)
+        return MF.bat_linear(x, weight, bias, blocks, half_products)
 
 
 def bat_dtype(x: torch.Tensor, weight: torch.Tensor, blocks: Sequence[torch.Tensor], precision: str) -> torch.dtype:

@@ -125,7 +125,7 @@ torch.library.register_autograd(
 
 
 @torch.library.register_fake(LIB + "bat_io_block_grad")
-def _(grad, x, weight, r, dtype=None):
+def _(grad, x, weight, r, dtype=None, half_products=False):
     op = "bat_io_block_grad"
     for name, t in (("grad", grad), ("x", x), ("weight", weight)):
         check_float(op, name, t)
@@ -146,6 +146,7 @@ def _(grad, x, weight, r, dtype=None):
 
 
 def _bat_io_block_grad_setup(ctx, inputs, output):
+    # half_products only permits a rounding of the forward; the gradient is the exact one's.
     grad, x, weight, r = inputs[:4]
     ctx.r = r
     ctx.save_for_backward(grad, x, weight)
@@ -169,7 +170,7 @@ def _bat_io_block_grad_backward(ctx, up):
     if needs(ctx, 2):
         gw = g2.t() @ x2
         d_weight = (ops.bat_weight_grad(gw, up) - gw).to(weight.dtype)
-    return d_grad, d_x, d_weight, None, None
+    return d_grad, d_x, d_weight, None, None, None
 
 
 torch.library.register_autograd(
@@ -212,7 +213,7 @@ torch.library.register_autograd(
 
 
 @torch.library.register_fake(LIB + "bat_linear")
-def _(x, weight, bias, blocks):
+def _(x, weight, bias, blocks, half_products=False):
     op = "bat_linear"
     torch._check(len(blocks) > 0, lambda: f"miss_ext.{op}: argument 'blocks' must hold at least one (out_features / r, r, r) block")
     check_float(op, "x", x)
@@ -235,7 +236,8 @@ def _(x, weight, bias, blocks):
 
 
 def _bat_linear_setup(ctx, inputs, output):
-    x, weight, bias, blocks = inputs
+    x, weight, bias, blocks, half_products = inputs
+    ctx.half_products = half_products
     # Only the inputs are kept: W' is recomputed in backward, so nothing weight-sized is saved
     # beyond the weight itself (docs/MATH.md section 3).
     ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -247,16 +249,18 @@ def _acc_dtype(x, blocks):
     return torch.float64 if torch.float64 in (x.dtype, *(b.dtype for b in blocks)) else torch.float32
 
 
-def _bat_param_grads(g2, x2, weight, blocks, needs_w, needs_blocks):
+def _bat_param_grads(g2, x2, weight, blocks, needs_w, needs_blocks, half_products=False):
     """(dL/dweight, [dL/dB...]) of ``g2 W'`` or ``x2 W'^T`` given ``Gw = g2^T x2`` = dL/dW' of the
-    last transform, in the blocks' precision."""
+    last transform, in the blocks' precision (``half_products``: see bat_linear)."""
     acc = _acc_dtype(x2, blocks)
     grad_w = None
     grad_blocks = [None] * len(blocks)
     if len(blocks) == 1 and not needs_w:
         # One adapter (the usual case): dL/dB from the two factors in fp32, Gw never formed.
         if needs_blocks[0]:
-            grad_blocks[0] = ops.bat_io_block_grad(g2, x2, weight, blocks[0].shape[1], acc).to(blocks[0].dtype)
+            grad_blocks[0] = ops.bat_io_block_grad(
+                g2, x2, weight, blocks[0].shape[1], acc, half_products
+            ).to(blocks[0].dtype)
         return grad_w, grad_blocks
     # Chains and a trainable base: Gw taken back through each transform. Weights before each
     # transform: W_0 = weight, W_{k+1} = T(W_k, B_k).
@@ -288,12 +292,13 @@ def _bat_linear_backward(ctx, grad):
     grad_blocks = [None] * len(blocks)
     if needs_x:
         # W' recomputed as in forward (the last transform rounds to x's dtype).
-        grad_x = ops.bat_input_grad(g2, weight, list(blocks)).reshape(x.shape)
+        grad_x = ops.bat_input_grad(g2, weight, list(blocks), ctx.half_products).reshape(x.shape)
     if needs_w or any(needs_blocks):
-        grad_w, grad_blocks = _bat_param_grads(g2, x2, weight, blocks, needs_w, needs_blocks)
+        grad_w, grad_blocks = _bat_param_grads(g2, x2, weight, blocks, needs_w, needs_blocks, ctx.half_products)
     if needs_bias:
         grad_bias = g2.sum(0).to(ctx.bias_dtype)
-    return grad_x, grad_w, grad_bias, grad_blocks
+    # A trailing argument left at its default (half_products) is not an input to the graph.
+    return (grad_x, grad_w, grad_bias, grad_blocks, None)[: len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd(
@@ -305,7 +310,7 @@ torch.library.register_autograd(
 
 
 @torch.library.register_fake(LIB + "bat_input_grad")
-def _(grad, weight, blocks):
+def _(grad, weight, blocks, half_products=False):
     op = "bat_input_grad"
     torch._check(len(blocks) > 0, lambda: f"miss_ext.{op}: argument 'blocks' must hold at least one (out_features / r, r, r) block")
     check_float(op, "grad", grad)
@@ -323,7 +328,8 @@ def _(grad, weight, blocks):
 
 
 def _bat_input_grad_setup(ctx, inputs, output):
-    grad, weight, blocks = inputs
+    grad, weight, blocks, half_products = inputs
+    ctx.half_products = half_products
     ctx.save_for_backward(grad, weight, *blocks)
 
 
@@ -337,10 +343,10 @@ def _bat_input_grad_backward(ctx, up):
     d_grad = d_w = None
     d_blocks = [None] * len(blocks)
     if needs_g:
-        d_grad = ops.bat_linear(u2, weight, None, list(blocks)).reshape(grad.shape)
+        d_grad = ops.bat_linear(u2, weight, None, list(blocks), ctx.half_products).reshape(grad.shape)
     if needs_w or any(needs_blocks):
-        d_w, d_blocks = _bat_param_grads(g2, u2, weight, blocks, needs_w, needs_blocks)
-    return d_grad, d_w, d_blocks
+        d_w, d_blocks = _bat_param_grads(g2, u2, weight, blocks, needs_w, needs_blocks, ctx.half_products)
+    return (d_grad, d_w, d_blocks, None)[: len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd(

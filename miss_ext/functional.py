@@ -170,6 +170,7 @@ def bat_linear(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     blocks: torch.Tensor | Sequence[torch.Tensor],
+    half_products: bool = False,
 ) -> torch.Tensor:
     """``x W'^T + bias`` where ``W'`` is ``weight`` after each BAT block's transform in turn.
 
@@ -177,9 +178,14 @@ def bat_linear(
     blocks only. Both GEMMs run in ``x``'s dtype. The blocks have ``x``'s dtype or a wider one: a
     float32 block with a bfloat16 ``x`` forms ``W'`` in float32 from the stored weight and rounds
     it once to bfloat16, and dL/dB is accumulated in float32 from ``x`` and dL/dy (docs/MATH.md,
-    mixed precision). The weight and bias may be of any float dtype."""
+    mixed precision). The weight and bias may be of any float dtype.
+
+    ``half_products=True`` permits the products that form ``W'`` and ``dL/dB`` to take their
+    fp32 operands (the block, ``dL/dW'``) rounded to ``x``'s half type, the precision autocast gives
+    PEFT's layer; the result keeps docs/MATH.md section 11.4's bound (a faster path on CPUs with bf16
+    matrix units; elsewhere the products stay fp32)."""
     blocks = _checks.blocks_list("miss_ext.bat_linear", blocks)
-    return ops.bat_linear(x, weight, bias, blocks)
+    return ops.bat_linear(x, weight, bias, blocks, bool(half_products))
 
 
 def bat_unmerge(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:

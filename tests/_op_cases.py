@@ -150,12 +150,13 @@ def _samples(device):
         "bat_block_grad": [(g, w, 4)],
         "bat_input_grad": [(torch.randn(5, 8, **f, requires_grad=True), w, [b]),
                            (torch.randn(5, 8, **f), w.detach(), [b, b]),
-                           (gh, wh, [b]), (gh.detach(), wh, [b, b])],
+                           (gh, wh, [b]), (gh.detach(), wh, [b, b]), (gh, wh, [b], True)],
         "bat_io_block_grad": [(torch.randn(5, 8, **f, requires_grad=True), xb, w, 4), (gh, xbh, wh, 4),
-                              (gh.detach(), xbh.detach(), wh, 2, torch.float64)],
+                              (gh.detach(), xbh.detach(), wh, 2, torch.float64), (gh, xbh, wh, 4, None, True)],
         "bat_weight_grad": [(g, b)],
         "bat_linear": [(xb, w, bias, [b]), (xb, w.detach(), None, [b, b]),
-                       (xbh, wh, bias.detach().bfloat16(), [b]), (xbh, wh, None, [b, b])],
+                       (xbh, wh, bias.detach().bfloat16(), [b]), (xbh, wh, None, [b, b]),
+                       (xbh, wh, None, [b], True)],  # half_products: autocast's precision
         "bat_unmerge": [(w, b)],
         "miss_linear": [
             (xb, w.detach(), bias, torch.randn(4, 8, **f, requires_grad=True), 0.0, None),

@@ -72,16 +72,18 @@ void transform_epilogue(const w_t* w, const acc_t* p, int64_t ldp, int pieces, c
 }
 
 // weight bf16, block fp32 (contiguous), r % 16 == 0: two pieces of B when W' is rounded to bf16,
-// three (B exactly) for a float32 W'.
+// three (B exactly) for a float32 W', one (B rounded to bf16, as autocast rounds PEFT's block)
+// when the caller permits half products.
 template <typename out_t>
-void transform_amx(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out) {
+void transform_amx(const at::Tensor& weight, const at::Tensor& block, bool half_products,
+                   at::Tensor& out) {
   const int64_t r = block.size(1), nb = block.size(0), in = weight.size(1), per_a = in / r;
   const bf16* wp = weight.const_data_ptr<bf16>();
   const float* bp = block.const_data_ptr<float>();
   out_t* op = out.mutable_data_ptr<out_t>();
   const int64_t per = (in + kTransformRows - 1) / kTransformRows;
   at::parallel_for(0, nb * per, 1, [&](int64_t begin, int64_t end) {
-    SlabTransform st(weight, block, std::is_same_v<out_t, float> ? 3 : 2);
+    SlabTransform st(weight, block, std::is_same_v<out_t, float> ? 3 : half_products ? 1 : 2);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / per, t0 = (task % per) * kTransformRows;
       const int64_t t1 = std::min(in, t0 + kTransformRows);
@@ -120,14 +122,13 @@ void transform_fallback(const at::Tensor& weight, const at::Tensor& block, at::T
 //   D_i += A3 Wrows               (3r x r, fp32)
 // where A3[q r + c, (j, a)] = piece_q(Ct[j r + c, a]) (Ct = piece_1 + piece_2 + piece_3 exactly)
 // and Wrows[(j, a), k] = W[i r + a, j r + k], so D_i = sum_j Gw_ij^T W_ij = (dL/dB_i - I-term)^T
-// with fp32 GEMM accuracy; the I-term sum_j Gw_ij is added from Ct directly.
+// with fp32 GEMM accuracy (`pieces` = 3; 1 rounds Ct to bf16 for the product, as autocast rounds
+// PEFT's dL/dW'); the I-term sum_j Gw_ij is added from the unrounded Ct directly.
 // x^T and G are prepared once. Chunks run in order and, within a chunk, slabs in parallel: the
 // chunk of x^T (the A operand of every slab's Ct) stays in cache while all slabs use it, and each
 // slab's sums grow in chunk order, so nothing depends on the thread count.
-constexpr int kPieces = 3;
-
 void io_block_grad_amx(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
-                       int64_t r, at::Tensor& out) {
+                       int64_t r, int pieces, at::Tensor& out) {
   const int64_t n = grad.size(0), out_f = grad.size(1), in = x.size(1), nb = out_f / r;
   const int64_t ldg = grad.stride(0), kp = amx::padded_k(n);
   const uint16_t* gp = reinterpret_cast<const uint16_t*>(grad.const_data_ptr<bf16>());
@@ -151,7 +152,7 @@ void io_block_grad_amx(const at::Tensor& grad, const at::Tensor& x, const at::Te
   });
   // Column chunks of whole r-blocks, about 512 columns (a chunk of x^T stays in L2).
   const int64_t chunk = std::min(in, r * std::max<int64_t>(1, 512 / r));
-  const int64_t width = kPieces * r;
+  const int64_t width = pieces * r;
   std::vector<float> d(nb * width * r), rowsum_t(nb * r * r, 0.0f);
   const int64_t group_cols = std::lcm(r, amx::kPanel), per_group = group_cols / r;
   const int64_t groups = (nb + per_group - 1) / per_group;
@@ -180,8 +181,9 @@ void io_block_grad_amx(const at::Tensor& grad, const at::Tensor& x, const at::Te
           // straight into its place in A3, no element transpose.
           for (int64_t jj = 0; jj < blocks; ++jj) {
             uint16_t* dst = a3.data() + jj * r;
-            vec::split_bf16_rows(ctp + jj * r * cols, r, r, cols, kPieces, dst, dst + r * w,
-                                 dst + 2 * r * w, w);
+            vec::split_bf16_rows(ctp + jj * r * cols, r, r, cols, pieces, dst,
+                                 pieces > 1 ? dst + r * w : nullptr,
+                                 pieces > 2 ? dst + 2 * r * w : nullptr, w);
           }
           // Wrows: row k = (jj, a) is W[i r + a, c0 + jj r : + r]. With one panel (r <= 64) the
           // row pair (jj, a), (jj, a + 1) lands at jj r^2 + a r: one interleave per a-pair.
@@ -210,8 +212,11 @@ void io_block_grad_amx(const at::Tensor& grad, const at::Tensor& x, const at::Te
       const float* rs = rowsum_t.data() + i * r * r;
       float* o = op + i * r * r;
       for (int64_t k = 0; k < r; ++k)
-        for (int64_t c = 0; c < r; ++c)
-          o[k * r + c] = ((di[c * r + k] + di[(r + c) * r + k]) + di[(2 * r + c) * r + k]) + rs[c * r + k];
+        for (int64_t c = 0; c < r; ++c) {
+          float v = di[c * r + k];
+          for (int q = 1; q < pieces; ++q) v += di[(q * r + c) * r + k];
+          o[k * r + c] = v + rs[c * r + k];
+        }
     }
   });
 }
@@ -294,16 +299,17 @@ void SlabTransform::rows(int64_t i, int64_t t0, int64_t t1, uint16_t* out) {
   }
 }
 
-void bat_transform_mixed(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out) {
+void bat_transform_mixed(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out,
+                         bool half_products) {
   const int64_t r = block.size(1);
   const bool amx_ok = weight.scalar_type() == at::kBFloat16 && block.scalar_type() == at::kFloat &&
                       (out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kFloat) &&
                       amx::width_ok(r) && amx::available();
   if (amx_ok) {
     if (out.scalar_type() == at::kBFloat16) {
-      transform_amx<bf16>(weight, block, out);
+      transform_amx<bf16>(weight, block, half_products, out);
     } else {
-      transform_amx<float>(weight, block, out);
+      transform_amx<float>(weight, block, false, out);
     }
     return;
   }
@@ -318,16 +324,27 @@ void bat_transform_mixed(const at::Tensor& weight, const at::Tensor& block, at::
   });
 }
 
-void bat_io_block_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
-                       int64_t r, at::Tensor& out) {
+void bat_io_block_grad_mixed(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                             int64_t r, at::Tensor& out, bool half_products) {
   const bool amx_ok = grad.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16 &&
                       weight.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kFloat &&
                       amx::width_ok(r) && amx::available();
   if (amx_ok) {
-    io_block_grad_amx(grad, x, weight, r, out);
+    io_block_grad_amx(grad, x, weight, r, half_products ? 1 : 3, out);
   } else {
     io_block_grad_fallback(grad, x, weight, r, out);
   }
+}
+
+}  // namespace cpu
+}  // namespace miss_ext
+
+namespace miss_ext {
+namespace cpu {
+
+void bat_io_block_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                       int64_t r, at::Tensor& out) {
+  bat_io_block_grad_mixed(grad, x, weight, r, out, false);
 }
 
 }  // namespace cpu

@@ -59,7 +59,9 @@ namespace {
 // One row of split_bf16, inlined into each multiversioned caller (and vectorized for its target).
 inline void split_run(const float* f, int64_t n, int pieces, uint16_t* p1, uint16_t* p2,
                       uint16_t* p3) {
-  if (pieces == 2) {
+  if (pieces == 1) {
+    for (int64_t k = 0; k < n; ++k) p1[k] = to_bf16(f[k]);
+  } else if (pieces == 2) {
     for (int64_t k = 0; k < n; ++k) {
       const uint16_t h = to_bf16(f[k]);
       p1[k] = h;

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <sstream>
 
+#include "cpu/bat_mixed.h"
 #include "cpu/workspace.h"
 #include "front/checks.h"
 #include "front/families.h"
@@ -55,15 +56,24 @@ at::Tensor temp_empty(const at::Tensor& like, at::IntArrayRef sizes, at::ScalarT
 // The BAT transform of `weight` by `block` into `out_dtype`. All three equal: products in that
 // dtype. A float32/float64 block: products in its precision, the weight read as stored, the
 // result rounded once. A half-type block with anything else differing: the weight is cast to
-// the block's dtype first (as PEFT computes BAT in the adapter's dtype).
-at::Tensor transform(const at::Tensor& weight, const at::Tensor& block, at::ScalarType out_dtype) {
+// the block's dtype first (as PEFT computes BAT in the adapter's dtype). `half_products` permits
+// products on the block rounded to the output's half type (docs/MATH.md section 11.4): a faster
+// path on the CPU's bf16 micro-kernels; CUDA's fp32 products are within that bound as they are.
+at::Tensor transform(const at::Tensor& weight, const at::Tensor& block, at::ScalarType out_dtype,
+                     bool half_products = false) {
   const auto bt = block.scalar_type();
   const bool wide_block = bt == at::kFloat || bt == at::kDouble;
   at::Tensor w = (wide_block ? weight : weight.to(bt)).contiguous();
   at::Tensor b = block.contiguous();
   const bool equal = w.scalar_type() == bt && out_dtype == bt;
   at::Tensor out = temp_empty(w, w.sizes(), equal || wide_block ? out_dtype : bt);
-  if (w.numel() > 0) MISS_EXT_ON_DEVICE(w, bat_transform, w, b, out);
+  if (w.numel() > 0) {
+    if (half_products && wide_block && !equal && w.device().is_cpu()) {
+      cpu::bat_transform_mixed(w, b, out, true);
+    } else {
+      MISS_EXT_ON_DEVICE(w, bat_transform, w, b, out);
+    }
+  }
   return out.scalar_type() == out_dtype ? out : out.to(out_dtype);
 }
 
@@ -93,11 +103,13 @@ void check_bat_chain(const char* op, const char* act_name, const at::Tensor& act
 
 // W' of a chain: intermediate weights stay in their block's precision, the last transform rounds
 // once to the GEMM's dtype (docs/MATH.md, mixed precision).
-at::Tensor chain_transform(const at::Tensor& weight, at::TensorList blocks, at::ScalarType dtype) {
+at::Tensor chain_transform(const at::Tensor& weight, at::TensorList blocks, at::ScalarType dtype,
+                           bool half_products) {
   at::Tensor w = weight;
   for (size_t k = 0; k < blocks.size(); ++k) {
     const bool last = k + 1 == blocks.size();
-    w = transform(w, blocks[k], last ? dtype : blocks[k].scalar_type());
+    w = last ? transform(w, blocks[k], dtype, half_products)
+             : transform(w, blocks[k], blocks[k].scalar_type());
   }
   return w;
 }
@@ -146,13 +158,14 @@ at::Tensor bat_weight_grad(const at::Tensor& grad, const at::Tensor& block) {
 }
 
 at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight,
-                      const std::optional<at::Tensor>& bias, at::TensorList blocks) {
+                      const std::optional<at::Tensor>& bias, at::TensorList blocks,
+                      bool half_products) {
   MISS_EXT_NO_AUTOCAST;
   const char* op = "bat_linear";
   check_bat_chain(op, "x", x, weight, blocks, 1, "in_features");
   const std::optional<at::Tensor> b = checked_bias(op, x, bias, weight.size(0));
   const at::Tensor x2 = as_rows(x);
-  const at::Tensor w = chain_transform(weight, blocks, x.scalar_type());
+  const at::Tensor w = chain_transform(weight, blocks, x.scalar_type(), half_products);
   // Through a 2-D view of a result allocated in its final shape, so the output is not a view.
   at::Tensor y = at::empty(with_last(x, weight.size(0)), x.options());
   at::Tensor y2 = y.view({x2.size(0), weight.size(0)});
@@ -164,19 +177,20 @@ at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight,
   return y;
 }
 
-at::Tensor bat_input_grad(const at::Tensor& grad, const at::Tensor& weight, at::TensorList blocks) {
+at::Tensor bat_input_grad(const at::Tensor& grad, const at::Tensor& weight, at::TensorList blocks,
+                          bool half_products) {
   MISS_EXT_NO_AUTOCAST;
   check_bat_chain("bat_input_grad", "grad", grad, weight, blocks, 0, "out_features");
   const at::Tensor g2 = as_rows(grad);
   at::Tensor dx = at::empty(with_last(grad, weight.size(1)), grad.options());
   at::Tensor dx2 = dx.view({g2.size(0), weight.size(1)});
   if (dx.numel() == 0) return dx;
-  at::mm_out(dx2, g2, chain_transform(weight, blocks, grad.scalar_type()));
+  at::mm_out(dx2, g2, chain_transform(weight, blocks, grad.scalar_type(), half_products));
   return dx;
 }
 
 at::Tensor bat_io_block_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
-                             int64_t r, std::optional<at::ScalarType> dtype) {
+                             int64_t r, std::optional<at::ScalarType> dtype, bool half_products) {
   MISS_EXT_NO_AUTOCAST;
   const char* op = "bat_io_block_grad";
   check_float(op, "grad", grad);
@@ -206,7 +220,11 @@ at::Tensor bat_io_block_grad(const at::Tensor& grad, const at::Tensor& x, const 
   const at::Tensor g2 = as_rows(grad), x2 = as_rows(x);
   if (g2.size(0) > 0 && out.numel() > 0) {
     const at::Tensor w = weight.contiguous();
-    MISS_EXT_ON_DEVICE(g2, bat_io_block_grad, g2, x2, w, r, out);
+    if (half_products && g2.device().is_cpu()) {
+      cpu::bat_io_block_grad_mixed(g2, x2, w, r, out, true);
+    } else {
+      MISS_EXT_ON_DEVICE(g2, bat_io_block_grad, g2, x2, w, r, out);
+    }
   }
   return out;
 }
@@ -250,15 +268,19 @@ void define_bat(torch::Library& m) {
   // dL/dB_i = sum_j (W_ij + I)^T G_ij for G = dL/dW'.
   m.def("bat_block_grad(Tensor grad, Tensor weight, int r) -> Tensor");
   // grad W' with W' as in bat_linear (rounded once to grad's dtype): BAT's input gradient.
-  m.def("bat_input_grad(Tensor grad, Tensor weight, Tensor[] blocks) -> Tensor");
+  // half_products (bat_input_grad, bat_io_block_grad, bat_linear) permits products on fp32
+  // operands rounded to x's half type, autocast's precision (docs/MATH.md section 11.4).
+  m.def("bat_input_grad(Tensor grad, Tensor weight, Tensor[] blocks, bool half_products=False) -> Tensor");
   // The same from the layer's output gradient and input, with G = grad^T x never formed,
   // accumulated in `dtype` (float32, or float64 for float64 x).
-  m.def("bat_io_block_grad(Tensor grad, Tensor x, Tensor weight, int r, ScalarType? dtype=None) -> Tensor");
+  m.def("bat_io_block_grad(Tensor grad, Tensor x, Tensor weight, int r, ScalarType? dtype=None, "
+        "bool half_products=False) -> Tensor");
   // dL/dW_ij = G_ij (I + B_i)^T for G = dL/dW'.
   m.def("bat_weight_grad(Tensor grad, Tensor block) -> Tensor");
   // x W'^T + b with W' the weight after each block's transform in turn; the blocks may be wider
   // than x (W' formed in their precision, rounded once to x's dtype for the GEMM).
-  m.def("bat_linear(Tensor x, Tensor weight, Tensor? bias, Tensor[] blocks) -> Tensor");
+  m.def("bat_linear(Tensor x, Tensor weight, Tensor? bias, Tensor[] blocks, "
+        "bool half_products=False) -> Tensor");
   // Inverse of bat_transform: W_ij = (W'_ij - B_i)(I + B_i)^-1, by a solve in float32/64.
   m.def("bat_unmerge(Tensor weight, Tensor block) -> Tensor");
 }
