@@ -174,16 +174,15 @@ void io_block_grad_amx(const at::Tensor& grad, const at::Tensor& x, const at::Te
         amx::gemm(w, a, kp, pg, p0, p1, ct.data(), cols, false, col0);
         for (int64_t i = s0; i < s1; ++i) {
           const float* ctp = ct.data() + (i - s0) * r;  // slab i's Ct: w rows of r, row stride cols
-          // The I-term: rowsum_t[c, a] += Ct[j r + c, a].
-          float* rs = rowsum_t.data() + i * r * r;
-          for (int64_t t = 0; t < blocks * r; ++t) vec::add_f32(ctp + t * cols, r, rs + (t % r) * r);
           // A3[q r + c, jj r + a] = piece_q(Ct[jj r + c, a]): each r x r block of Ct splits
-          // straight into its place in A3, no element transpose.
+          // straight into its place in A3, no element transpose; the same pass adds the I-term,
+          // rowsum_t[c, a] += Ct[jj r + c, a] (jj in order, as any thread count sums it).
+          float* rs = rowsum_t.data() + i * r * r;
           for (int64_t jj = 0; jj < blocks; ++jj) {
             uint16_t* dst = a3.data() + jj * r;
-            vec::split_bf16_rows(ctp + jj * r * cols, r, r, cols, pieces, dst,
-                                 pieces > 1 ? dst + r * w : nullptr,
-                                 pieces > 2 ? dst + 2 * r * w : nullptr, w);
+            vec::split_sum_bf16_rows(ctp + jj * r * cols, r, r, cols, pieces, dst,
+                                     pieces > 1 ? dst + r * w : nullptr,
+                                     pieces > 2 ? dst + 2 * r * w : nullptr, w, rs, r);
           }
           // Wrows: row k = (jj, a) is W[i r + a, c0 + jj r : + r]. With one panel (r <= 64) the
           // row pair (jj, a), (jj, a + 1) lands at jj r^2 + a r: one interleave per a-pair.

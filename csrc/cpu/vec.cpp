@@ -94,6 +94,17 @@ MISS_EXT_MULTIVERSION void split_bf16_rows(const float* f, int64_t rows, int64_t
   }
 }
 
+MISS_EXT_MULTIVERSION void split_sum_bf16_rows(const float* f, int64_t rows, int64_t cols,
+                                               int64_t ldf, int pieces, uint16_t* p1, uint16_t* p2,
+                                               uint16_t* p3, int64_t ldp, float* sum, int64_t lds) {
+  for (int64_t t = 0; t < rows; ++t) {
+    const float* src = f + t * ldf;
+    float* acc = sum + t * lds;
+    for (int64_t c = 0; c < cols; ++c) acc[c] += src[c];
+    split_run(src, cols, pieces, p1 + t * ldp, p2 ? p2 + t * ldp : nullptr, p3 ? p3 + t * ldp : nullptr);
+  }
+}
+
 MISS_EXT_MULTIVERSION void interleave_bf16(const uint16_t* a, const uint16_t* b, int64_t n,
                                            uint16_t* dst) {
   if (b) {
@@ -137,9 +148,10 @@ MISS_EXT_MULTIVERSION void interleave_blocks_bf16(const uint16_t* a, const uint1
     const uint16_t* x = a + j * r;
     const uint16_t* y = b + j * r;
     uint16_t* d = dst + j * stride;
+    // As 32-bit pairs (see interleave_panels_bf16): the form the compiler vectorises.
     for (int64_t c = 0; c < r; ++c) {
-      d[2 * c] = x[c];
-      d[2 * c + 1] = y[c];
+      const uint32_t pair = static_cast<uint32_t>(x[c]) | (static_cast<uint32_t>(y[c]) << 16);
+      std::memcpy(d + 2 * c, &pair, sizeof pair);
     }
   }
 }
@@ -215,10 +227,6 @@ void transpose_u16(const uint16_t* src, int64_t rows, int64_t cols, int64_t lds,
 #else
   transpose_blocked(src, rows, cols, lds, dst, ldd, 64, 16, [](const uint16_t*, int64_t, uint16_t*, int64_t) {});
 #endif
-}
-
-MISS_EXT_MULTIVERSION void add_f32(const float* src, int64_t n, float* dst) {
-  for (int64_t k = 0; k < n; ++k) dst[k] += src[k];
 }
 
 }  // namespace vec

@@ -24,14 +24,19 @@ void add_bf16(const uint16_t* base, const float* p, int64_t n, uint16_t* out);
 void transform_rows_bf16(const uint16_t* w, const float* p, int64_t ldp, const float* b,
                          int64_t rows, int64_t r, uint16_t* out);
 
-// f[k] = p1[k] + p2[k] (+ p3[k]): `pieces` (2 or 3) bf16 pieces, each the rounded rest of the
-// ones before (three hold any normal float exactly). p3 may be null when pieces == 2.
+// f[k] = p1[k] + p2[k] (+ p3[k]): `pieces` (1, 2 or 3) bf16 pieces, each the rounded rest of the
+// ones before (three hold any normal float exactly; one is f rounded). Unused pieces may be null.
 void split_bf16(const float* f, int64_t n, int pieces, uint16_t* p1, uint16_t* p2, uint16_t* p3);
 
 // The same over `rows` rows of `cols` values: source row t at f + t * ldf, its pieces at
 // p_q + t * ldp.
 void split_bf16_rows(const float* f, int64_t rows, int64_t cols, int64_t ldf, int pieces,
                      uint16_t* p1, uint16_t* p2, uint16_t* p3, int64_t ldp);
+
+// split_bf16_rows that also adds each source row t into sum + t * lds (one pass over f).
+void split_sum_bf16_rows(const float* f, int64_t rows, int64_t cols, int64_t ldf, int pieces,
+                         uint16_t* p1, uint16_t* p2, uint16_t* p3, int64_t ldp, float* sum,
+                         int64_t lds);
 
 // dst[2k] = a[k], dst[2k + 1] = b[k] (b null: 0), for k < n: a row pair in VNNI order.
 void interleave_bf16(const uint16_t* a, const uint16_t* b, int64_t n, uint16_t* dst);
@@ -51,9 +56,6 @@ void interleave_blocks_bf16(const uint16_t* a, const uint16_t* b, int64_t blocks
 // (16 x 16 register tiles on AVX2 machines).
 void transpose_u16(const uint16_t* src, int64_t rows, int64_t cols, int64_t lds, uint16_t* dst,
                    int64_t ldd);
-
-// dst[k] += src[k] for k < n.
-void add_f32(const float* src, int64_t n, float* dst);
 
 }  // namespace vec
 }  // namespace cpu
