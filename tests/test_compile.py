@@ -154,3 +154,32 @@ def test_mixed_precision_compiles(backend):
             assert torch.equal(a, b)
         else:
             assert ((a.float() - b.float()).abs().max() / b.float().abs().max()).item() < 2e-2
+
+
+def test_autocast_compiles_like_eager():
+    """Trainer(bf16=True): a bf16 model with fp32 blocks under autocast. The layers pass autocast's
+    choices to the ops as arguments (BAT's half_products, miss_linear's dtypes), so the graph is
+    whole and aot_eager, running the same kernels, is bit-equal to eager (r = 16: BAT on the CPU's
+    one-piece path where the machine has it)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    miss_ext.inject(model, ["0"], r=16, init_weights="bat")
+    miss_ext.inject(model, ["2"], r=16, init_weights=True)
+    miss_ext.inject(model, ["4"], r=16, mini_r=8, init_weights="mini")
+    model = mixed_precision(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(0.1 * torch.randn_like(p))
+    x = torch.randn(24, 64, dtype=torch.bfloat16)
+
+    def run(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fwd_bwd(m, x)
+
+    want_y, want_g = run(model)
+    got_y, got_g = run(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    assert torch.equal(got_y, want_y)
+    for a, b in zip(got_g, want_g):
+        assert torch.equal(a, b)
