@@ -202,6 +202,15 @@ def _io_cases(tmp: Path):
             add("miss_block_grads", gs, False, grad=g, s=s, block=blk, which="s")
         g, x, w = rnd(9, 96, dtype=dt), rnd(9, 192, dtype=dt), rnd(96, 192, dtype=torch.bfloat16)
         add("bat_io_block_grad", ops.bat_io_block_grad(g, x, w, 48), False, grad=g, x=x, weight=w, r=48)
+        if dt in (torch.bfloat16, torch.float16):
+            # half_products, as autocast passes it: CUDA keeps fp32 products (csrc/common/kernels.h),
+            # so it must still match the CPU operator without the flag.
+            w = w.to(dt)
+            add("bat_io_block_grad", ops.bat_io_block_grad(g, x, w, 48), False, grad=g, x=x, weight=w, r=48,
+                half_products=1)
+            b = rnd(2, 48, 48, dtype=torch.float32, scale=0.1)
+            add("bat_transform", ops.bat_transform(w, b, dtype=dt), False, weight=w, block=b, dtype=DT_NAME[dt],
+                half_products=1)
     return cases
 
 
@@ -250,6 +259,15 @@ MUTATIONS = [
      "keep_bits<V>(mask, static_cast<uint64_t>(at_))", "keep_bits<V>(mask, static_cast<uint64_t>(at_) + 1)", ["tile", "--dtypes=float32"]),
     ("gathered: missing barrier before the block-sum tile is refilled", "gathered.cu",
      "        __syncthreads();  // s_tile is refilled next chunk\n", "", ["gathered", "--dtypes=bfloat16"]),
+    # kernels.h: CUDA keeps fp32 products under half_products; a launcher that took the flag as
+    # leave to round to bf16 must fail the half_products cases' fp32 bound.
+    ("io_block_grad: half_products honoured by rounding dL/dB to bf16", "bat_block_grad.cu",
+     "bool /*half_products*/, at::Tensor& out) {\n  const c10::cuda::CUDAGuard guard(grad.device());",
+     "bool half_products, at::Tensor& out) {\n  const c10::cuda::CUDAGuard guard(grad.device());\n"
+     "  if (half_products) {\n    at::Tensor o32 = at::empty_like(out);\n"
+     "    bat_io_block_grad(grad, x, weight, r, false, o32);\n"
+     "    out.copy_(o32.to(at::kBFloat16).to(out.scalar_type()));\n    return;\n  }",
+     ["io_half_products", "--dtypes=bfloat16,float32"]),
 ]
 # Two more, left out of the default run to keep it short: MISS_EXT_EMU_MUTATIONS=all adds them.
 if os.environ.get("MISS_EXT_EMU_MUTATIONS") == "all":

@@ -38,7 +38,11 @@ struct DropoutArgs {
   /* weight's dtype or float32/float64; out: like weight, any float dtype.                 */ \
   /* W'_ij = W_ij (I + B_i) + B_i; with all three dtypes equal the products run in that     */ \
   /* dtype, else in the block's (float32/float64) precision, rounded once to out's dtype.   */ \
-  void bat_transform(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out);     \
+  /* half_products (here and in bat_io_block_grad) permits products on the fp32 operand    */ \
+  /* rounded to the half input's dtype, autocast's precision (docs/MATH.md 11.4); a backend */ \
+  /* may ignore it (CUDA and the CPU fallbacks keep fp32 products, inside that bound).      */ \
+  void bat_transform(const at::Tensor& weight, const at::Tensor& block, bool half_products,   \
+                     at::Tensor& out);                                                        \
   /* grad, weight: (out, in) contiguous, same dtype. out: (out/r, r, r) contiguous.        */ \
   /* out_i = sum_j (W_ij + I)^T G_ij.                                                      */ \
   void bat_block_grad(const at::Tensor& grad, const at::Tensor& weight, int64_t r,            \
@@ -48,7 +52,7 @@ struct DropoutArgs {
   /* float64). out_i = sum_j (W_ij + I)^T Gw_ij with Gw = grad^T x, all in out's precision: */ \
   /* the BAT block gradient straight from the layer's input and output gradient.           */ \
   void bat_io_block_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, \
-                         int64_t r, at::Tensor& out);                                         \
+                         int64_t r, bool half_products, at::Tensor& out);                     \
   /* grad: (out, in) contiguous; block: (out/r, r, r) contiguous, same dtype.             */ \
   /* out: like grad. out_ij = G_ij (I + B_i)^T.                                            */ \
   void bat_weight_grad(const at::Tensor& grad, const at::Tensor& block, at::Tensor& out);     \

@@ -163,9 +163,10 @@ void block_grad_kernel(const at::Tensor& grad, const at::Tensor& weight, int64_t
 
 }  // namespace
 
-void bat_transform(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out) {
+void bat_transform(const at::Tensor& weight, const at::Tensor& block, bool half_products,
+                   at::Tensor& out) {
   if (block.scalar_type() != weight.scalar_type() || out.scalar_type() != weight.scalar_type()) {
-    bat_transform_mixed(weight, block, out);
+    bat_transform_mixed(weight, block, out, half_products);
     return;
   }
   // W'_ij = W_ij + (W_ij B_i + B_i)

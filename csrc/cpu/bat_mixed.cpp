@@ -323,8 +323,8 @@ void bat_transform_mixed(const at::Tensor& weight, const at::Tensor& block, at::
   });
 }
 
-void bat_io_block_grad_mixed(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
-                             int64_t r, at::Tensor& out, bool half_products) {
+void bat_io_block_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                       int64_t r, bool half_products, at::Tensor& out) {
   const bool amx_ok = grad.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16 &&
                       weight.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kFloat &&
                       amx::width_ok(r) && amx::available();
@@ -333,17 +333,6 @@ void bat_io_block_grad_mixed(const at::Tensor& grad, const at::Tensor& x, const 
   } else {
     io_block_grad_fallback(grad, x, weight, r, out);
   }
-}
-
-}  // namespace cpu
-}  // namespace miss_ext
-
-namespace miss_ext {
-namespace cpu {
-
-void bat_io_block_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
-                       int64_t r, at::Tensor& out) {
-  bat_io_block_grad_mixed(grad, x, weight, r, out, false);
 }
 
 }  // namespace cpu

@@ -16,9 +16,7 @@ namespace cpu {
 // precision autocast gives PEFT's (docs/MATH.md section 11.4); only the bf16 micro-kernel path
 // has a faster kernel for it, every other path keeps fp32 products.
 void bat_transform_mixed(const at::Tensor& weight, const at::Tensor& block, at::Tensor& out,
-                         bool half_products = false);
-void bat_io_block_grad_mixed(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
-                             int64_t r, at::Tensor& out, bool half_products);
+                         bool half_products);
 
 // W' = W + (W B_i + B_i) on the micro-kernels, slab by slab, for a bf16 weight and fp32 blocks
 // (contiguous, r % 16 == 0, amx::available()). B_i enters as `pieces` bf16 pieces (2: 16 of fp32's

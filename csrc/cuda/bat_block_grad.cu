@@ -391,9 +391,10 @@ void bat_block_grad(const at::Tensor& grad, const at::Tensor& weight, int64_t r,
 
 // The block gradient from the layer's input and output gradient, in out's precision (float32,
 // float64 for float64 x): Gw = grad^T x by cuBLAS (aten) a group of slabs at a time, then the
-// block-gradient kernels above on each group.
+// block-gradient kernels above on each group. half_products is ignored (fp32 products, inside
+// its bound, docs/MATH.md 11.4).
 void bat_io_block_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
-                       int64_t r, at::Tensor& out) {
+                       int64_t r, bool /*half_products*/, at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(grad.device());
   const auto acc = out.scalar_type();
   const int64_t nb = weight.size(0) / r, in = x.size(1);

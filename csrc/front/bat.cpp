@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <sstream>
 
-#include "cpu/bat_mixed.h"
 #include "cpu/workspace.h"
 #include "front/checks.h"
 #include "front/families.h"
@@ -68,11 +67,7 @@ at::Tensor transform(const at::Tensor& weight, const at::Tensor& block, at::Scal
   const bool equal = w.scalar_type() == bt && out_dtype == bt;
   at::Tensor out = temp_empty(w, w.sizes(), equal || wide_block ? out_dtype : bt);
   if (w.numel() > 0) {
-    if (half_products && wide_block && !equal && w.device().is_cpu()) {
-      cpu::bat_transform_mixed(w, b, out, true);
-    } else {
-      MISS_EXT_ON_DEVICE(w, bat_transform, w, b, out);
-    }
+    MISS_EXT_ON_DEVICE(w, bat_transform, w, b, half_products && wide_block && !equal, out);
   }
   return out.scalar_type() == out_dtype ? out : out.to(out_dtype);
 }
@@ -220,11 +215,7 @@ at::Tensor bat_io_block_grad(const at::Tensor& grad, const at::Tensor& x, const 
   const at::Tensor g2 = as_rows(grad), x2 = as_rows(x);
   if (g2.size(0) > 0 && out.numel() > 0) {
     const at::Tensor w = weight.contiguous();
-    if (half_products && g2.device().is_cpu()) {
-      cpu::bat_io_block_grad_mixed(g2, x2, w, r, out, true);
-    } else {
-      MISS_EXT_ON_DEVICE(g2, bat_io_block_grad, g2, x2, w, r, out);
-    }
+    MISS_EXT_ON_DEVICE(g2, bat_io_block_grad, g2, x2, w, r, half_products, out);
   }
   return out;
 }

@@ -11,9 +11,11 @@ namespace {
 using namespace emu_test;
 
 // TRANSFORM: out = X + X B + B[a]; else out = X + X B^T. b_dt/out_dt: the block's and the
-// output's dtypes when they differ from X's (the mixed-precision transform).
+// output's dtypes when they differ from X's (the mixed-precision transform). half: the transform
+// is called with half_products, which CUDA ignores (kernels.h): the same bound holds.
 void rowmm_case(bool transform, ScalarType dt, const BatShape& s, int64_t off = 0,
-                ScalarType b_dt = ScalarType::Undefined, ScalarType out_dt = ScalarType::Undefined) {
+                ScalarType b_dt = ScalarType::Undefined, ScalarType out_dt = ScalarType::Undefined,
+                bool half = false) {
   const int64_t nb = s.out / s.r, nj = s.in / s.r, r = s.r, in = s.in;
   if (b_dt == ScalarType::Undefined) b_dt = dt;
   if (out_dt == ScalarType::Undefined) out_dt = dt;
@@ -21,12 +23,13 @@ void rowmm_case(bool transform, ScalarType dt, const BatShape& s, int64_t off = 
   Tensor b = make(b_dt, {nb, r, r}, 0.1);
   Tensor out = poisoned(out_dt, {s.out, s.in});
   const std::string mixed = b_dt != dt || out_dt != dt
-                                ? std::string(" block ") + dtype_name(b_dt) + " into " + dtype_name(out_dt)
+                                ? std::string(" block ") + dtype_name(b_dt) + " into " + dtype_name(out_dt) +
+                                      (half ? " half_products" : "")
                                 : "";
   const std::string name =
       label(transform ? "bat_transform" : "bat_weight_grad", dt, {s.out, s.in, r}, "off=" + std::to_string(off) + mixed);
   if (!call(name, {&x, &b}, {&out}, [&] {
-        if (transform) miss_ext::cuda::bat_transform(x, b, out);
+        if (transform) miss_ext::cuda::bat_transform(x, b, half, out);
         else miss_ext::cuda::bat_weight_grad(x, b, out);
       }))
     return;
@@ -83,4 +86,8 @@ EMU_SUITE(bat_transform_mixed, "bat_transform with a float32/float64 block, any 
           rowmm_case(true, w, s, 0, b, o);
         rowmm_case(true, w, {96, 192, 48}, 1, b, o);
       }
+  // half_products as autocast passes it: a half-type weight and output, a float32 block.
+  for (ScalarType w : half_dtypes())
+    for (const BatShape& s : std::vector<BatShape>{{32, 64, 16}, {96, 192, 48}})
+      rowmm_case(true, w, s, 0, at::kFloat, w, true);
 }

@@ -11,12 +11,15 @@ using namespace emu_test;
 
 ScalarType acc_for(ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
 
-void io_block_grad_case(ScalarType dt, ScalarType w_dt, int64_t n, int64_t out_f, int64_t in, int64_t r) {
+// half: the call passes half_products, which CUDA ignores (kernels.h): the same fp32 bound holds.
+void io_block_grad_case(ScalarType dt, ScalarType w_dt, int64_t n, int64_t out_f, int64_t in, int64_t r,
+                        bool half = false) {
   const int64_t nb = out_f / r, nj = in / r;
   Tensor g = make(dt, {n, out_f}), x = make(dt, {n, in}), w = make(w_dt, {out_f, in});
   Tensor out = poisoned(acc_for(dt), {nb, r, r});
-  const std::string name = label("bat_io_block_grad", dt, {n, out_f, in, r}, std::string("weight ") + dtype_name(w_dt));
-  if (!call(name, {&g, &x, &w}, {&out}, [&] { miss_ext::cuda::bat_io_block_grad(g, x, w, r, out); })) return;
+  const std::string name = label("bat_io_block_grad", dt, {n, out_f, in, r},
+                                 std::string("weight ") + dtype_name(w_dt) + (half ? " half_products" : ""));
+  if (!call(name, {&g, &x, &w}, {&out}, [&] { miss_ext::cuda::bat_io_block_grad(g, x, w, r, half, out); })) return;
   const std::vector<double> G = values(g), X = values(x), W = values(w);
   std::vector<double> gw(out_f * in, 0.0), gmag(out_f * in, 0.0);  // Gw = grad^T x
   for (int64_t t = 0; t < n; ++t)
@@ -95,6 +98,13 @@ EMU_SUITE(mixed, "bat_io_block_grad, miss_add_product, miss_block_grads: every d
         block_grads_case(dt, b_dt, t[0], t[1], t[2]);
       }
     }
+  }
+}
+
+EMU_SUITE(io_half_products, "bat_io_block_grad with half_products, as autocast passes it: fp32 products still") {
+  for (ScalarType dt : half_dtypes()) {
+    io_block_grad_case(dt, dt, 16, 32, 64, 16, true);
+    io_block_grad_case(dt, dt, 5, 96, 192, 48, true);
   }
 }
 

@@ -39,10 +39,11 @@ EMU_IO_OP(miss_merge) {  // weight block alpha
   return c.run({&w, &b}, out, [&] { miss_ext::cuda::miss_merge(w, b, alpha, out); }) ? out : Tensor();
 }
 
-EMU_IO_OP(bat_transform) {  // weight block [dtype]
+EMU_IO_OP(bat_transform) {  // weight block [dtype] [half_products]
   Tensor w = c.in("weight"), b = c.in("block");
   Tensor out = poisoned(dtype_or(c, w.dt), w.sizes());
-  return c.run({&w, &b}, out, [&] { miss_ext::cuda::bat_transform(w, b, out); }) ? out : Tensor();
+  const bool half = c.has("half_products") && c.integer("half_products") != 0;
+  return c.run({&w, &b}, out, [&] { miss_ext::cuda::bat_transform(w, b, half, out); }) ? out : Tensor();
 }
 
 EMU_IO_OP(bat_weight_grad) {  // grad block
@@ -58,11 +59,12 @@ EMU_IO_OP(bat_block_grad) {  // grad weight r
   return c.run({&g, &w}, out, [&] { miss_ext::cuda::bat_block_grad(g, w, r, out); }) ? out : Tensor();
 }
 
-EMU_IO_OP(bat_io_block_grad) {  // grad x weight r [dtype]: out in float32 (float64 for float64 x)
+EMU_IO_OP(bat_io_block_grad) {  // grad x weight r [dtype] [half_products]: out in float32 (float64 for float64 x)
   Tensor g = c.in("grad"), x = c.in("x"), w = c.in("weight");
   const int64_t r = c.integer("r");
+  const bool half = c.has("half_products") && c.integer("half_products") != 0;
   Tensor out = poisoned(dtype_or(c, x.dt == at::kDouble ? at::kDouble : at::kFloat), {w.size(0) / r, r, r});
-  return c.run({&g, &x, &w}, out, [&] { miss_ext::cuda::bat_io_block_grad(g, x, w, r, out); }) ? out : Tensor();
+  return c.run({&g, &x, &w}, out, [&] { miss_ext::cuda::bat_io_block_grad(g, x, w, r, half, out); }) ? out : Tensor();
 }
 
 EMU_IO_OP(miss_add_product) {  // base s block
