@@ -56,8 +56,8 @@ at::Tensor temp_empty(const at::Tensor& like, at::IntArrayRef sizes, at::ScalarT
 // dtype. A float32/float64 block: products in its precision, the weight read as stored, the
 // result rounded once. A half-type block with anything else differing: the weight is cast to
 // the block's dtype first (as PEFT computes BAT in the adapter's dtype). `half_products` permits
-// products on the block rounded to the output's half type (docs/MATH.md section 11.4): a faster
-// path on the CPU's bf16 micro-kernels; CUDA's fp32 products are within that bound as they are.
+// products on the block rounded to the output's half type (docs/MATH.md section 11.4); each
+// backend decides where that pays (csrc/common/kernels.h): the CPU's bf16 micro-kernels only.
 at::Tensor transform(const at::Tensor& weight, const at::Tensor& block, at::ScalarType out_dtype,
                      bool half_products = false) {
   const auto bt = block.scalar_type();
@@ -67,7 +67,7 @@ at::Tensor transform(const at::Tensor& weight, const at::Tensor& block, at::Scal
   const bool equal = w.scalar_type() == bt && out_dtype == bt;
   at::Tensor out = temp_empty(w, w.sizes(), equal || wide_block ? out_dtype : bt);
   if (w.numel() > 0) {
-    MISS_EXT_ON_DEVICE(w, bat_transform, w, b, half_products && wide_block && !equal, out);
+    MISS_EXT_ON_DEVICE(w, bat_transform, w, b, half_products, out);
   }
   return out.scalar_type() == out_dtype ? out : out.to(out_dtype);
 }
