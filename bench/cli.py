@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None, help="AdamW learning rate (step: 1e-4)")
     t.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (step: 0.1)")
     t.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (step: 1.0)")
+    t.add_argument("--adamw", default=None, choices=("fused", "plain"),
+                   help="fused: torch's fused AdamW, HF Trainer's default optimizer (adamw_torch_fused); plain: "
+                   "torch.optim.AdamW's default implementation (step: fused; metamathqa: plain)")
     t.add_argument("--targets", default=None, help="comma list of qv (q_proj,v_proj) and all (every "
                    "linear but lm_head); default: the preset's (step: all,qv)")
     t.add_argument("--no-lora", action="store_true", help="leave out the PEFT LoRA row")
@@ -165,7 +168,7 @@ def train_config(args, preset) -> TrainConfig:
     flags = dict(layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads,
                  kv_heads=args.kv_heads, vocab=args.vocab, seq=args.seq, batch=args.batch, r=args.r,
                  mini_r=args.mini_r, lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                 steps=args.steps, warmup=args.train_warmup)
+                 steps=args.steps, warmup=args.train_warmup, adamw=args.adamw)
     values.update({k: v for k, v in flags.items() if v is not None})
     values.update(seed=args.seed, autocast=False)
     if values["steps"] < 1:

@@ -8,12 +8,13 @@ Presets (a Llama built in code from a config, no downloads; bf16 weights; the ad
 * ``step`` (the default): what users run. Hidden 1024, intermediate 2816, 16 heads, 2 layers,
   vocabulary 2000, 512 tokens (batch 1); MiSS on every linear but lm_head (``all``) and on
   q_proj/v_proj (``qv``), each without and with ``torch.autocast(bfloat16)`` (what
-  ``Trainer(bf16=True)`` adds); AdamW lr 1e-4, wd 0.1, gradient norm clipped at 1.0.
+  ``Trainer(bf16=True)`` adds); AdamW lr 1e-4, wd 0.1, gradient norm clipped at 1.0, torch's
+  fused AdamW (``Trainer``'s default optimizer, ``adamw_torch_fused``, from torch 2.8 on).
 * ``large``: the same at a size where GEMMs dominate the step: hidden 2048, intermediate 5632,
   2048 tokens.
 * ``metamathqa``: PEFT's published MiSS benchmark (method_comparison/MetaMathQA in PEFT:
   Llama-3.2-3B in bfloat16, no autocast, q_proj/v_proj, r = mini_r = 64, AdamW lr 1e-4, wd 0.1,
-  clip 1.0) at ``step``'s sizes (vocabulary 4096), with every implementation's rows. A step is
+  clip 1.0, torch.optim.AdamW's own default implementation) at ``step``'s sizes (vocabulary 4096), with every implementation's rows. A step is
   about 65 GFLOP of matrix products; the cosine schedule and the 768-token, batch-4 batches of
   the original are left out: over a few steps a schedule is a constant, and 512 tokens already
   keep every GEMM large.
@@ -72,7 +73,7 @@ class Preset:
     lora_alpha: int = 64
 
 
-_OPTIM = dict(lr=1e-4, weight_decay=0.1, grad_clip=1.0, steps=20, warmup=3)
+_OPTIM = dict(lr=1e-4, weight_decay=0.1, grad_clip=1.0, steps=20, warmup=3, adamw="fused")
 _STEP = dict(layers=2, hidden=1024, intermediate=2816, heads=16, vocab=2000, seq=512, batch=1, r=64, mini_r=64)
 
 PRESETS = {
@@ -91,7 +92,7 @@ PRESETS = {
         name="metamathqa",
         about="PEFT's MetaMathQA MiSS settings (bf16 model, fp32 adapter blocks, q_proj/v_proj, "
               "r = mini_r = 64, AdamW lr 1e-4 wd 0.1, clip 1.0) on a Llama built in code",
-        config={**_STEP, **_OPTIM, "vocab": 4096},
+        config={**_STEP, **_OPTIM, "vocab": 4096, "adamw": "plain"},
         targets="qv", autocast="off", impls="peft,inject,patch",
     ),
 }

@@ -59,10 +59,12 @@ def test_empty_cache_releases_the_workspace():
     assert miss_ext._C.cpu_workspace_cached_bytes() == 0
 
 
-@pytest.mark.parametrize("n,out_f,r", [(1, 16, 8), (37, 80, 8), (300, 256, 24), (129, 192, 64)])
+@pytest.mark.parametrize("n,out_f,r", [(1, 16, 8), (37, 80, 8), (300, 256, 24), (129, 192, 64), (65, 48, 40),
+                                       (33, 64, 72)])
 def test_block_grads_on_bf16_grad_match_float64(n, out_f, r):
     """miss_block_grads with a bf16 G (the micro-kernel path where it runs: odd token counts, a
-    narrow last panel, r not a multiple of the panel) against float64: dL/dD to fp32 accuracy
+    narrow last panel, r not a multiple of the panel; r = 40 and 72, where D's second piece starts
+    inside one packed panel and ends in the next, of another width) against float64: dL/dD to fp32 accuracy
     (three pieces of S), dL/dS to 2^-16 (two pieces of D; the caller rounds it to bf16)."""
     g = torch.Generator().manual_seed(n + out_f + r)
     grad = torch.randn(n, out_f, generator=g).bfloat16()

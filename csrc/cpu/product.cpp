@@ -14,7 +14,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -106,20 +105,15 @@ void block_grads_fallback(const at::Tensor& grad, const at::Tensor& s, const at:
   });
 }
 
-// dL/dS's B operand, [hi(D) | lo(D)]^T (out x 2r): D split in its own layout, each piece
-// transposed (16-bit tiles) into rows of 2r, then packed; the transposes and the packing run on
-// all threads. (An fp32 transpose of D first, then the split, cost more than all of this.)
+// dL/dS's B operand, [hi(D) | lo(D)]^T (out x 2r), packed straight from D on all threads: one
+// pass over D (a split, two transposes and a pack, each its own pass, cost four times as much).
 void pack_block_pieces(const at::Tensor& block, amx::Panels& pd) {
   const int64_t r = block.size(0), out_f = block.size(1);
-  std::unique_ptr<uint16_t[]> pieces(new uint16_t[2 * r * out_f]), rows(new uint16_t[out_f * 2 * r]);
-  vec::split_bf16(block.const_data_ptr<float>(), r * out_f, 2, pieces.get(), pieces.get() + r * out_f,
-                  nullptr);
-  at::parallel_for(0, 2, 1, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q)
-      vec::transpose_u16(pieces.get() + q * r * out_f, r, out_f, out_f, rows.get() + q * r, 2 * r);
-  });
-  at::parallel_for(0, pd.kp() / 2, 64, [&](int64_t p0, int64_t p1) {
-    pd.pack_rows(2 * p0, 2 * p1, [&](int64_t k) { return reinterpret_cast<const bf16*>(rows.get() + k * 2 * r); });
+  TORCH_CHECK(out_f % 2 == 0 && pd.kp() == out_f, "miss_ext internal: dL/dS packing needs an even out_features");
+  const float* d = block.const_data_ptr<float>();
+  uint16_t* dst = reinterpret_cast<uint16_t*>(pd.mutable_panel(0));
+  at::parallel_for(0, pd.kp() / 2, 64, [&](int64_t kk0, int64_t kk1) {
+    vec::pack_split_columns_bf16(d, r, out_f, amx::kPanel, pd.kp(), kk0, kk1, dst);
   });
 }
 

@@ -142,6 +142,36 @@ MISS_EXT_MULTIVERSION void interleave_panels_bf16(const uint16_t* a, const uint1
   }
 }
 
+// One source row into two panel columns at a time: the row is read in sequence and each
+// column written as 32-bit VNNI pairs (one per pair row, a panel row apart), so a block of
+// kPairBlock pair rows keeps every column's lines in L1 while the rows go by. One pass over D
+// and one over the panels, instead of a split, two 16-bit transposes and a pack.
+MISS_EXT_MULTIVERSION void pack_split_columns_bf16(const float* d, int64_t r, int64_t ldd,
+                                                   int64_t panel, int64_t kp,
+                                                   int64_t kk0, int64_t kk1, uint16_t* dst) {
+  constexpr int64_t kPairBlock = 32;
+  const int64_t n = 2 * r;
+  for (int64_t kb = kk0; kb < kk1; kb += kPairBlock) {
+    const int64_t ke = kk1 - kb < kPairBlock ? kk1 : kb + kPairBlock;
+    for (int64_t row = 0; row < r; ++row) {
+      const float* src = d + row * ldd;
+      // Column c of B lives in the panel starting at s = c - c % panel, width w, as 32-bit
+      // pairs w apart.
+      const int64_t s1 = row / panel * panel, s2 = (r + row) / panel * panel;
+      const int64_t w1 = n - s1 < panel ? n - s1 : panel, w2 = n - s2 < panel ? n - s2 : panel;
+      uint32_t* hi = reinterpret_cast<uint32_t*>(dst + kp * s1) + (row - s1);
+      uint32_t* lo = reinterpret_cast<uint32_t*>(dst + kp * s2) + (r + row - s2);
+      for (int64_t kk = kb; kk < ke; ++kk) {
+        const float f0 = src[2 * kk], f1 = src[2 * kk + 1];
+        const uint16_t h0 = to_bf16(f0), h1 = to_bf16(f1);
+        const uint16_t l0 = to_bf16(f0 - to_f32(h0)), l1 = to_bf16(f1 - to_f32(h1));
+        hi[kk * w1] = static_cast<uint32_t>(h0) | (static_cast<uint32_t>(h1) << 16);
+        lo[kk * w2] = static_cast<uint32_t>(l0) | (static_cast<uint32_t>(l1) << 16);
+      }
+    }
+  }
+}
+
 MISS_EXT_MULTIVERSION void interleave_blocks_bf16(const uint16_t* a, const uint16_t* b, int64_t blocks,
                                                   int64_t r, int64_t stride, uint16_t* dst) {
   for (int64_t j = 0; j < blocks; ++j) {

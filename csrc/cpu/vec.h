@@ -47,6 +47,13 @@ void interleave_bf16(const uint16_t* a, const uint16_t* b, int64_t n, uint16_t* 
 void interleave_panels_bf16(const uint16_t* a, const uint16_t* b, int64_t n, int64_t panel,
                             int64_t kp, int64_t k, uint16_t* dst);
 
+// The B operand [p1(D) | p2(D)]^T (K = kp, N = 2r) in the panel layout above, packed
+// straight from D (r x kp, fp32, row stride ldd; kp even): column c < r holds piece 1
+// of D's row c, column r + c piece 2 (split_bf16's two pieces). Writes the row pairs [kk0, kk1)
+// (pair kk is rows 2kk, 2kk + 1) of every panel; dst is the panels' storage.
+void pack_split_columns_bf16(const float* d, int64_t r, int64_t ldd, int64_t panel, int64_t kp,
+                             int64_t kk0, int64_t kk1, uint16_t* dst);
+
 // `blocks` blocks of r values of two rows a and b, interleaved (VNNI pairs) into dst + j * stride
 // for block j: dst[j * stride + 2c] = a[j r + c], dst[j * stride + 2c + 1] = b[j r + c].
 void interleave_blocks_bf16(const uint16_t* a, const uint16_t* b, int64_t blocks, int64_t r,
