@@ -169,6 +169,11 @@ def test_preset_config_and_rows():
         1024, 2816, 2, 512, 1, 2000, 64, 64)
     assert (PRESETS["step"].targets, PRESETS["step"].autocast, PRESETS["step"].impls) == (
         "all,qv", "off,on", "peft,inject")
+    # AdamW as HF Trainer runs it (fused) in the users' presets; PEFT's MetaMathQA loop runs
+    # torch.optim.AdamW's own default; --adamw overrides either.
+    assert (step.adamw, cfg.adamw) == ("fused", "plain")
+    plain = cli.train_config(cli.build_parser().parse_args(["train", "--adamw", "plain"]), PRESETS["step"])
+    assert plain.adamw == "plain" and "adamw=plain" in plain.describe()
     large = PRESETS["large"].config
     assert (large["hidden"], large["intermediate"], large["seq"]) == (2048, 5632, 2048)
     keys = [e.key for e in entries()]
@@ -318,6 +323,16 @@ def test_train_floor_parts():
         {"gw": 1.0, "transform": 2 * (0.25 + bat_flops / rate), "contraction": bat_flops / rate})
     assert layer_floor_ms(t, "bat", n, fin, fout, cfg, autocast=False) == pytest.approx(
         {"gw": 1.0, "transform": 2 * (0.25 + 2 * bat_flops / rate), "contraction": 3 * bat_flops / rate})
+
+
+def test_adamw_choice_builds_that_optimizer():
+    from bench.train_bench import TrainConfig, optimizer
+
+    p = [torch.nn.Parameter(torch.zeros(4))]
+    assert optimizer(p, TrainConfig()).defaults["fused"] is True
+    assert not optimizer(p, TrainConfig(adamw="plain")).defaults["fused"]
+    with pytest.raises(ValueError, match="adamw"):
+        optimizer(p, TrainConfig(adamw="sgd"))
 
 
 def test_train_floor_rows_count_the_optimizer():
