@@ -16,7 +16,7 @@ from .layer_bench import run_suite
 from .outputs import csv_list, output_paths
 from .profile import profile_case
 from .serving_bench import run_serve
-from .train_bench import TRAIN_DEFAULTS, TrainConfig
+from .train_bench import ADAMW, TRAIN_DEFAULTS, TrainConfig
 from .train_preset import DEFAULT_PRESET, IMPLS, PRESETS, run_preset
 
 
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None, help="AdamW learning rate (step: 1e-4)")
     t.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (step: 0.1)")
     t.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (step: 1.0)")
-    t.add_argument("--adamw", default=None, choices=("fused", "plain"),
+    t.add_argument("--adamw", default=None, choices=ADAMW,
                    help="fused: torch's fused AdamW, HF Trainer's default optimizer (adamw_torch_fused); plain: "
                    "torch.optim.AdamW's default implementation (step: fused; metamathqa: plain)")
     t.add_argument("--targets", default=None, help="comma list of qv (q_proj,v_proj) and all (every "

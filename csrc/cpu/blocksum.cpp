@@ -126,10 +126,8 @@ void tile_kernel(const at::Tensor& s, const at::Tensor& base, const DropoutArgs&
             const acc_t v = sv[c] * static_cast<acc_t>(m[j0 + c]);
             store<out_t>(o + j0 + c, b ? load<acc_t>(b + j0 + c) + v : v);
           }
-        } else if (b) {
+        } else {  // a base (the plain tile returned above)
           for (int64_t c = 0; c < len; ++c) store<out_t>(o + j0 + c, load<acc_t>(b + j0 + c) + sv[c]);
-        } else {
-          for (int64_t c = 0; c < len; ++c) store<out_t>(o + j0 + c, sv[c]);
         }
       }
     }

@@ -34,11 +34,7 @@ MISS_EXT_MULTIVERSION void tile_bf16(const uint16_t* base, const float* s, int64
                                      uint16_t* out) {
   for (int64_t j0 = 0; j0 < n; j0 += r) {
     const int64_t len = n - j0 < r ? n - j0 : r;
-    if (base) {
-      for (int64_t c = 0; c < len; ++c) out[j0 + c] = to_bf16(to_f32(base[j0 + c]) + s[c]);
-    } else {
-      for (int64_t c = 0; c < len; ++c) out[j0 + c] = to_bf16(s[c]);
-    }
+    for (int64_t c = 0; c < len; ++c) out[j0 + c] = to_bf16(to_f32(base[j0 + c]) + s[c]);
   }
 }
 

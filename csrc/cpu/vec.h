@@ -13,7 +13,7 @@ namespace vec {
 // acc[c] += row[j * r + c] over the whole row (n values; the last block may be partial).
 void blocksum_bf16(const uint16_t* row, int64_t n, int64_t r, float* acc);
 
-// out[k] = bf16(base[k] + s[k % r]) for k < n; base null: bf16(s[k % r]).
+// out[k] = bf16(base[k] + s[k % r]) for k < n.
 void tile_bf16(const uint16_t* base, const float* s, int64_t r, int64_t n, uint16_t* out);
 
 // out[k] = bf16(base[k] + p[k]) for k < n.
