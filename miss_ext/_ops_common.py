@@ -3,6 +3,8 @@ fake kernels apply (those of csrc/front/, with the same messages, so meta tensor
 FakeTensor and torch.compile tracing reject exactly what the real kernels reject), the dtype
 relation ``holds`` and the autograd helper ``needs``."""
 
+import os
+
 import torch
 
 from ._checks import FLOATS
@@ -116,6 +118,14 @@ def emulated_half_gemm(t: torch.Tensor) -> bool:
     if t.device.type != "cpu" or t.dtype not in (torch.bfloat16, torch.float16):
         return False
     if t.dtype not in _EMULATED:
+        # MISS_EXT_CPU_HALF_GEMM=upcast or =aten forces the choice, as for the C++ ops
+        # (csrc/front/half_gemm.cpp); tests run both on any CPU.
+        force = os.environ.get("MISS_EXT_CPU_HALF_GEMM", "")
+        if force in ("upcast", "aten"):
+            _EMULATED[t.dtype] = force == "upcast"
+            return _EMULATED[t.dtype]
+        if force:
+            raise ValueError(f"miss_ext: MISS_EXT_CPU_HALF_GEMM must be 'upcast', 'aten' or unset (got {force!r})")
         query = "_is_mkldnn_bf16_supported" if t.dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
         try:
             _EMULATED[t.dtype] = not getattr(torch.ops.mkldnn, query)()

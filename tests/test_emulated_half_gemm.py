@@ -3,12 +3,19 @@ half type's GEMM (no oneDNN kernel for it, e.g. AVX2 only): there it runs as an 
 the exact upcast operands, rounded once. Both branches run here, whatever this CPU has: the
 choice is switched through ``miss_ext._ops_common._EMULATED``."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 import miss_ext
 from miss_ext import _ops_common
+
+HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(params=[True, False], ids=["emulated", "native"])
@@ -78,3 +85,35 @@ def test_slabs_give_the_unslabbed_bits(monkeypatch):
     for c0 in range(0, 70, 16):
         want = torch.mm(grad.float(), weight[:, c0 : c0 + 16].float()).to(torch.bfloat16)
         assert torch.equal(ours[:, c0 : c0 + 16], want), c0
+
+
+@pytest.mark.parametrize("force", ["upcast", "aten"])
+def test_mixed_precision_suite_on_both_half_gemms(force):
+    """BAT's input gradient (bat_input_grad, C++) and the standard/mini one (Python) take the
+    choice from MISS_EXT_CPU_HALF_GEMM, read once per process, hence the subprocess."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         str(HERE / "test_mixed_precision.py"), str(HERE / "test_autocast.py"),
+         str(HERE / "test_emulated_half_gemm.py") + "::test_bat_input_grad_in_slabs"],
+        env={**os.environ, "MISS_EXT_CPU_HALF_GEMM": force}, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_bat_input_grad_in_slabs():
+    """bat_input_grad's G W' at a weight wider than one upcast slab (1024 x 4160: slabs of 4096
+    and 64 columns). Upcast (forced in the subprocess above, or this CPU's choice): each slab is
+    one fp32 GEMM rounded once; aten's: within bf16 rounding of the same product."""
+    g = torch.Generator().manual_seed(2)
+    weight = (0.03 * torch.randn(1024, 4160, generator=g)).bfloat16()
+    block = 0.1 * torch.randn(1024 // 64, 64, 64, generator=g)
+    grad = torch.randn(6, 1024, generator=g).bfloat16()
+    ours = torch.ops.miss_ext.bat_input_grad(grad, weight, [block])
+    w_prime = torch.ops.miss_ext.bat_transform(weight, block, torch.bfloat16)
+    g32 = grad.float()
+    if os.environ.get("MISS_EXT_CPU_HALF_GEMM") == "upcast":
+        for c0, c1 in ((0, 4096), (4096, 4160)):
+            want = torch.mm(g32, w_prime[:, c0:c1].float()).to(torch.bfloat16)
+            assert torch.equal(ours[:, c0:c1], want), c0
+    exact = grad.double() @ w_prime.double()
+    assert ((ours.double() - exact).abs() <= 1.01 * 2**-8 * exact.abs() + 1e-6 * exact.abs().max()).all()

@@ -11,6 +11,7 @@
 #include "cpu/workspace.h"
 #include "front/checks.h"
 #include "front/families.h"
+#include "front/half_gemm.h"
 
 namespace miss_ext {
 namespace front {
@@ -180,7 +181,7 @@ at::Tensor bat_input_grad(const at::Tensor& grad, const at::Tensor& weight, at::
   at::Tensor dx = at::empty(with_last(grad, weight.size(1)), grad.options());
   at::Tensor dx2 = dx.view({g2.size(0), weight.size(1)});
   if (dx.numel() == 0) return dx;
-  at::mm_out(dx2, g2, chain_transform(weight, blocks, grad.scalar_type(), half_products));
+  half_mm_out(dx2, g2, chain_transform(weight, blocks, grad.scalar_type(), half_products));
   return dx;
 }
 
