@@ -14,10 +14,12 @@ from ._ops_common import (
     check_holds,
     check_rank,
     frozen_input_grad,
+    half_mm,
     needs,
     ops,
     same_device,
     same_dtype,
+    upcast_if_emulated,
 )
 
 
@@ -87,19 +89,21 @@ def _miss_linear_backward(ctx, grad_y, grad_s):
     s2 = s.reshape(-1, r)
     mixed = block.dtype != weight.dtype  # a float32 block on a half-type base (x has weight's dtype)
     need_x, need_block = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-    grad_x = grad_w = grad_bias = grad_block = d_s = None
+    grad_x = grad_w = grad_bias = grad_block = d_s = g32 = None
     if need_x or need_block:
         if mixed and m == out_f:
             # One pass over G gives both products in the block's precision.
             grad_block, d_s = ops.miss_block_grads(g2, s2, block)
         elif m == out_f:
+            # Where the half-type GEMM is emulated, G is upcast once for its three products.
+            g32 = upcast_if_emulated(g2)
             if need_block:
                 # S^T made contiguous (N x r, a small copy): oneDNN's product then reads it as
                 # rows, measured 12% (512 tokens) to 34% (2048) faster than from the transposed
                 # view; elsewhere the copy is the only cost, a pass over S.
-                grad_block = s2.t().contiguous() @ g2
+                grad_block = half_mm(s2.t().contiguous(), g2, b32=g32)
             if need_x:
-                d_s = g2 @ block.t()
+                d_s = half_mm(g2, block.t(), a32=g32)
         else:
             # mini: the output tiles share Dm, so their gradients sum first (the same block-sum
             # kernel). A half-type block (autocast's copy) has both products taken in fp32 and
@@ -119,7 +123,7 @@ def _miss_linear_backward(ctx, grad_y, grad_s):
             # Mixed: PEFT's rounding, the block-precision term rounded to x's dtype, then added to
             # the frozen GEMM's gradient. Equal half types: measured on CPU (oneDNN), a half-type
             # GEMM with beta = 1 costs more than a plain GEMM plus one fused pass.
-            grad_x = ops.tile_add(frozen_input_grad(g2, weight), d_s.to(g2.dtype))
+            grad_x = ops.tile_add(frozen_input_grad(g2, weight, g32), d_s.to(g2.dtype))
         elif mixed:
             grad_x = frozen_input_grad(g2, weight) + ops.tile_dropout(d_s, ctx.in_features, ctx.p, seed, g2.dtype)
         else:

@@ -410,3 +410,15 @@ def test_floor_model_bat_takes_gw_at_the_better_rate():
     f = floor_of(case, t)
     assert f["fwd"] == pytest.approx(2.0 + transform)
     assert f["bwd"] == pytest.approx(2.0 + transform + 2.0 + 3 * (2.0 * 300 * 200 * 10) / 6e6)
+
+
+def test_half_emulation_bench_tiny(capsys):
+    from bench import half_emulation_bench
+
+    half_emulation_bench.main(["--rounds", "1", "--shape", "16,64,128,16"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        f"{v}, {a}" for v in ("standard", "mini", "bat") for a in ("off", "on")]
+    for row in rows:  # four positive, finite ratios
+        ratios = [float(c) for c in row.split("|")[2:6]]
+        assert all(0 < v < math.inf for v in ratios), row

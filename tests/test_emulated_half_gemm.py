@@ -1,7 +1,8 @@
-"""The frozen input gradient ``G @ W`` of standard and mini MiSS on a CPU where torch emulates the
-half type's GEMM (no oneDNN kernel for it, e.g. AVX2 only): there it runs as an fp32 product of
-the exact upcast operands, rounded once. Both branches run here, whatever this CPU has: the
-choice is switched through ``miss_ext._ops_common._EMULATED``."""
+"""The half-type GEMMs of a MiSS step on a CPU where torch emulates them (no oneDNN kernel for the
+type, e.g. AVX2 only): there each runs as an fp32 product of the exact upcast operands, rounded
+once (docs/MATH.md 11.5). Both branches run here, whatever this CPU has: Python's choice is
+switched through ``miss_ext._ops_common._EMULATED``, the C++ ops' through MISS_EXT_CPU_HALF_GEMM
+in a subprocess."""
 
 import os
 import subprocess
@@ -94,7 +95,8 @@ def test_mixed_precision_suite_on_both_half_gemms(force):
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
          str(HERE / "test_mixed_precision.py"), str(HERE / "test_autocast.py"),
-         str(HERE / "test_emulated_half_gemm.py") + "::test_bat_input_grad_in_slabs"],
+         str(HERE / "test_emulated_half_gemm.py") + "::test_bat_input_grad_in_slabs",
+         str(HERE / "test_emulated_half_gemm.py") + "::test_forward_gemms_in_slabs"],
         env={**os.environ, "MISS_EXT_CPU_HALF_GEMM": force}, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -117,3 +119,35 @@ def test_bat_input_grad_in_slabs():
             assert torch.equal(ours[:, c0:c1], want), c0
     exact = grad.double() @ w_prime.double()
     assert ((ours.double() - exact).abs() <= 1.01 * 2**-8 * exact.abs() + 1e-6 * exact.abs().max()).all()
+
+
+@pytest.mark.parametrize("config", ["bf16-base-fp32-block", "bf16-block", "bat"])
+def test_forward_gemms_in_slabs(config):
+    """The forward's base GEMM at a weight wider than one upcast slab (1024 x 4160 read as W^T:
+    slabs of 4096 and 64 columns): x W^T + b (fp32 blocks: miss_linear's mixed path; BAT:
+    bat_linear on W'), or y = S D + b, then y += x W^T (a bf16 block: the equal-dtype path).
+    Zero blocks make the output the base product alone, so where the GEMM is upcast (forced in
+    the subprocess above, or this CPU's choice) every slab must be its own fp32 GEMM rounded
+    once; either way the output is within bf16 rounding of the exact product."""
+    g = torch.Generator().manual_seed(3)
+    base = nn.Linear(1024, 4160).bfloat16().requires_grad_(False)
+    with torch.no_grad():
+        base.weight.copy_(0.03 * torch.randn(4160, 1024, generator=g))
+        base.bias.copy_(torch.randn(4160, generator=g))
+    layer = miss_ext.MissLinear(base, r=64, init_weights="bat" if config == "bat" else True)
+    if config == "bf16-block":
+        layer.to(torch.bfloat16)
+    assert all(p.abs().max() == 0 for p in layer.miss_block.values())
+    x = torch.randn(6, 1024, generator=g).bfloat16()
+    with torch.no_grad():
+        y = layer(x)
+    x32, w_t, b32 = x.float(), base.weight.t(), base.bias.float()
+    if _ops_common.emulated_half_gemm(x):
+        for c0, c1 in ((0, 4096), (4096, 4160)):
+            if config == "bf16-block":  # y starts as round(S D + b) = b, then gains x W^T
+                want = torch.addmm(b32[c0:c1].expand(6, c1 - c0), x32, w_t[:, c0:c1].float())
+            else:
+                want = torch.addmm(b32[c0:c1], x32, w_t[:, c0:c1].float())
+            assert torch.equal(y[:, c0:c1], want.bfloat16()), c0
+    exact = x.double() @ w_t.double() + base.bias.double()
+    assert ((y.double() - exact).abs() <= 1.01 * 2**-8 * exact.abs() + 1e-6 * exact.abs().max()).all()

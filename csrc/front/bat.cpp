@@ -165,11 +165,7 @@ at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight,
   // Through a 2-D view of a result allocated in its final shape, so the output is not a view.
   at::Tensor y = at::empty(with_last(x, weight.size(0)), x.options());
   at::Tensor y2 = y.view({x2.size(0), weight.size(0)});
-  if (b.has_value()) {
-    at::addmm_out(y2, *b, x2, w.t());
-  } else {
-    at::mm_out(y2, x2, w.t());
-  }
+  half_mm_out(y2, x2, w.t(), b);
   return y;
 }
 

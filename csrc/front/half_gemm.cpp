@@ -27,6 +27,21 @@ bool native(const char* name) {
   return handle->typed<bool()>().call();
 }
 
+// dst = a @ b (+ c) in fp32 on the exact upcast operands, rounded once, b upcast a column slab at a
+// time. c is a row vector (a bias) or dst itself (accumulation): each slab of c is read before
+// the same slab of dst is written.
+void upcast_gemm(at::Tensor& dst, const at::Tensor& a, const at::Tensor& b, const at::Tensor* c) {
+  const at::Tensor a32 = a.to(at::kFloat);
+  const int64_t k = b.size(0), n = b.size(1);
+  const int64_t width = std::max<int64_t>(1, kUpcastElems / std::max<int64_t>(1, k));
+  for (int64_t c0 = 0; c0 < n; c0 += width) {
+    const int64_t w = std::min(n, c0 + width) - c0;
+    const at::Tensor b32 = b.narrow(1, c0, w).to(at::kFloat);
+    dst.narrow(1, c0, w).copy_(c != nullptr ? at::addmm(c->narrow(-1, c0, w).to(at::kFloat), a32, b32)
+                                            : at::mm(a32, b32));
+  }
+}
+
 }  // namespace
 
 bool half_gemm_emulated(const at::Tensor& t) {
@@ -42,17 +57,22 @@ bool half_gemm_emulated(const at::Tensor& t) {
   return false;
 }
 
-void half_mm_out(at::Tensor& dst, const at::Tensor& a, const at::Tensor& b) {
-  if (!half_gemm_emulated(a) || a.scalar_type() != b.scalar_type()) {
+void half_mm_out(at::Tensor& dst, const at::Tensor& a, const at::Tensor& b,
+                 const std::optional<at::Tensor>& bias) {
+  if (half_gemm_emulated(a) && a.scalar_type() == b.scalar_type()) {
+    upcast_gemm(dst, a, b, bias.has_value() ? &*bias : nullptr);
+  } else if (bias.has_value()) {
+    at::addmm_out(dst, *bias, a, b);
+  } else {
     at::mm_out(dst, a, b);
-    return;
   }
-  const at::Tensor a32 = a.to(at::kFloat);
-  const int64_t k = b.size(0), n = b.size(1);
-  const int64_t width = std::max<int64_t>(1, kUpcastElems / std::max<int64_t>(1, k));
-  for (int64_t c0 = 0; c0 < n; c0 += width) {
-    const int64_t w = std::min(n, c0 + width) - c0;
-    dst.narrow(1, c0, w).copy_(at::mm(a32, b.narrow(1, c0, w).to(at::kFloat)));
+}
+
+void half_addmm_(at::Tensor& dst, const at::Tensor& a, const at::Tensor& b) {
+  if (half_gemm_emulated(a) && a.scalar_type() == b.scalar_type()) {
+    upcast_gemm(dst, a, b, &dst);
+  } else {
+    dst.addmm_(a, b);
   }
 }
 

@@ -6,6 +6,7 @@
 
 #include "front/checks.h"
 #include "front/families.h"
+#include "front/half_gemm.h"
 
 namespace miss_ext {
 namespace front {
@@ -54,7 +55,15 @@ std::tuple<at::Tensor, at::Tensor> miss_linear(const at::Tensor& x, const at::Te
     // bits), plus the term in the block's precision, rounded once. A block of x's half type is
     // autocast's copy (round_base): its product is rounded to that type first, as autocast does
     // for PEFT.
-    at::Tensor y = at::linear(x, weight, b).contiguous();
+    // Where torch emulates the half type's GEMM, the same GEMM upcast (docs/MATH.md 11.5).
+    at::Tensor y;
+    if (half_gemm_emulated(x)) {
+      y = at::empty(with_last(x, out_f), x.options());
+      at::Tensor y2 = y.view({n, out_f});
+      half_mm_out(y2, x2, weight.t(), b);
+    } else {
+      y = at::linear(x, weight, b).contiguous();
+    }
     at::Tensor y2 = y.view({n, out_f});
     // In place on the CPU (each element is read, then written); CUDA's kernels take restrict
     // pointers, so there the sum goes to a new tensor.
@@ -79,16 +88,12 @@ std::tuple<at::Tensor, at::Tensor> miss_linear(const at::Tensor& x, const at::Te
   at::Tensor y = at::empty(with_last(x, out_f), x.options());
   at::Tensor y2 = y.view({n, out_f});
   if (m == out_f) {
-    if (b.has_value()) {
-      at::addmm_out(y2, *b, s2, blk);  // the bias rides in the term's GEMM: one rounding, no pass
-    } else {
-      at::mm_out(y2, s2, blk);
-    }
+    half_mm_out(y2, s2, blk, b);  // the bias rides in the term's GEMM: one rounding, no pass
   } else {
     if (n > 0 && out_f > 0) MISS_EXT_ON_DEVICE(x, tile, at::mm(s2, blk), at::Tensor(), DropoutArgs{}, y2);
     if (b.has_value()) y2.add_(*b);
   }
-  y2.addmm_(x2, weight.t());
+  half_addmm_(y2, x2, weight.t());
   return {y, s};
 }
 
