@@ -135,37 +135,27 @@ def emulated_half_gemm(t: torch.Tensor) -> bool:
     return _EMULATED[t.dtype]
 
 
-def frozen_input_grad(g2: torch.Tensor, weight: torch.Tensor, g32: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``g2 @ weight``, the frozen layer's input gradient, in g2's dtype. Where torch emulates the
-    half type's GEMM, the product runs in fp32 on the exact upcast operands and is rounded once:
-    the half-type GEMM's own arithmetic (fp32 accumulation, one rounding), summed in another
-    order. The weight is upcast a column slab at a time, so the transient fp32 copy stays near
-    16 MB, not weight-sized. ``g32``: g2 already upcast (by half_mm), so G is read once."""
-    if not (emulated_half_gemm(g2) and weight.dtype == g2.dtype):
-        return g2 @ weight
-    if g32 is None:
-        g32 = g2.float()
-    out_f, in_f = weight.shape
-    width = max(1, _UPCAST_ELEMS // max(1, out_f))
-    if width >= in_f:
-        return torch.mm(g32, weight.float()).to(g2.dtype)
-    out = g2.new_empty((g2.shape[0], in_f))
-    for c0 in range(0, in_f, width):
-        c1 = min(in_f, c0 + width)
-        out[:, c0:c1] = torch.mm(g32, weight[:, c0:c1].float())
-    return out
-
-
 def half_mm(a: torch.Tensor, b: torch.Tensor, a32: Optional[torch.Tensor] = None,
             b32: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``a @ b`` (one half type, small operands); where torch emulates that type's GEMM, an fp32
-    GEMM of the exact upcast operands rounded once (the same arithmetic, another order).
-    ``a32``/``b32``: an operand already upcast, for a caller that uses it twice."""
-    if emulated_half_gemm(a) and b.dtype == a.dtype:
-        a32 = a.float() if a32 is None else a32
-        b32 = b.float() if b32 is None else b32
-        return torch.mm(a32, b32).to(a.dtype)
-    return a @ b
+    """``a @ b`` in a's dtype (e.g. ``G @ W``, the frozen layer's input gradient). Where torch
+    emulates the half type's GEMM, the product runs in fp32 on the exact upcast operands and is
+    rounded once: the half-type GEMM's own arithmetic (fp32 accumulation, one rounding), summed in
+    another order. ``b`` is upcast a column slab at a time, so for a weight the transient fp32
+    copy stays near 16 MB, not weight-sized. ``a32``/``b32``: an operand already upcast, for a
+    caller that uses it in several products (G is then read once)."""
+    if not (emulated_half_gemm(a) and b.dtype == a.dtype):
+        return a @ b
+    if a32 is None:
+        a32 = a.float()
+    k, n = b.shape
+    width = max(1, _UPCAST_ELEMS // max(1, k))
+    if b32 is not None or width >= n:
+        return torch.mm(a32, b.float() if b32 is None else b32).to(a.dtype)
+    out = a.new_empty((a.shape[0], n))
+    for c0 in range(0, n, width):
+        c1 = min(n, c0 + width)
+        out[:, c0:c1] = torch.mm(a32, b[:, c0:c1].float())
+    return out
 
 
 def upcast_if_emulated(t: torch.Tensor) -> Optional[torch.Tensor]:

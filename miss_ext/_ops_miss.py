@@ -13,7 +13,6 @@ from ._ops_common import (
     check_float,
     check_holds,
     check_rank,
-    frozen_input_grad,
     half_mm,
     needs,
     ops,
@@ -123,9 +122,9 @@ def _miss_linear_backward(ctx, grad_y, grad_s):
             # Mixed: PEFT's rounding, the block-precision term rounded to x's dtype, then added to
             # the frozen GEMM's gradient. Equal half types: measured on CPU (oneDNN), a half-type
             # GEMM with beta = 1 costs more than a plain GEMM plus one fused pass.
-            grad_x = ops.tile_add(frozen_input_grad(g2, weight, g32), d_s.to(g2.dtype))
+            grad_x = ops.tile_add(half_mm(g2, weight, a32=g32), d_s.to(g2.dtype))
         elif mixed:
-            grad_x = frozen_input_grad(g2, weight) + ops.tile_dropout(d_s, ctx.in_features, ctx.p, seed, g2.dtype)
+            grad_x = half_mm(g2, weight) + ops.tile_dropout(d_s, ctx.in_features, ctx.p, seed, g2.dtype)
         else:
             if ctx.p > 0:
                 dx = ops.tile_dropout(d_s, ctx.in_features, ctx.p, seed)

@@ -30,7 +30,7 @@ def test_frozen_input_grad_is_one_rounding_of_the_exact_product(emulated, dtype)
     g = torch.Generator().manual_seed(0)
     grad = torch.randn(37, 96, generator=g).to(dtype)
     weight = torch.randn(96, 40, generator=g).to(dtype)
-    ours = _ops_common.frozen_input_grad(grad, weight)
+    ours = _ops_common.half_mm(grad, weight)
     exact = grad.double() @ weight.double()
     assert ours.dtype == dtype and ours.shape == exact.shape
     # One rounding of an fp32 sum: within one half-type ulp of the exact value (plus fp32's own
@@ -44,7 +44,7 @@ def test_frozen_input_grad_is_one_rounding_of_the_exact_product(emulated, dtype)
 def test_fp32_and_cuda_like_inputs_keep_torch_gemm(monkeypatch):
     monkeypatch.setattr(_ops_common, "_EMULATED", {torch.bfloat16: True, torch.float16: True})
     grad, weight = torch.randn(5, 8), torch.randn(8, 3)
-    assert torch.equal(_ops_common.frozen_input_grad(grad, weight), grad @ weight)
+    assert torch.equal(_ops_common.half_mm(grad, weight), grad @ weight)
     assert not _ops_common.emulated_half_gemm(torch.empty(1, device="meta", dtype=torch.bfloat16))
 
 
@@ -81,7 +81,7 @@ def test_slabs_give_the_unslabbed_bits(monkeypatch):
     grad = torch.randn(9, 40, generator=g).bfloat16()
     weight = torch.randn(40, 70, generator=g).bfloat16()
     monkeypatch.setattr(_ops_common, "_UPCAST_ELEMS", 40 * 16)  # slabs of 16 columns, the last 6
-    ours = _ops_common.frozen_input_grad(grad, weight)
+    ours = _ops_common.half_mm(grad, weight)
     # Each slab is its own fp32 GEMM over the whole reduction, rounded once.
     for c0 in range(0, 70, 16):
         want = torch.mm(grad.float(), weight[:, c0 : c0 + 16].float()).to(torch.bfloat16)
