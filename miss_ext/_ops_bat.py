@@ -6,16 +6,17 @@ docs/MATH.md section 3 (and 11.2 for mixed precision).
 import torch
 
 from ._ops_common import (
-    cpp_dtype,
     FLOATS,
     LIB,
     check_bias,
     check_dim,
     check_float,
     check_rank,
+    cpp_dtype,
     holds,
     needs,
     ops,
+    register_autograd,
     same_device,
     same_dtype,
 )
@@ -74,9 +75,7 @@ def _bat_transform_backward(ctx, grad):
     return grad_w, grad_b, None
 
 
-torch.library.register_autograd(
-    LIB + "bat_transform", _bat_transform_backward, setup_context=_bat_transform_setup
-)
+register_autograd("bat_transform", _bat_transform_backward, _bat_transform_setup)
 
 
 # ---------------------------------------------------------------- bat_block_grad
@@ -116,9 +115,7 @@ def _bat_block_grad_backward(ctx, up):
     return d_grad, d_weight, None
 
 
-torch.library.register_autograd(
-    LIB + "bat_block_grad", _bat_block_grad_backward, setup_context=_bat_block_grad_setup
-)
+register_autograd("bat_block_grad", _bat_block_grad_backward, _bat_block_grad_setup)
 
 
 # ---------------------------------------------------------------- bat_io_block_grad
@@ -173,9 +170,7 @@ def _bat_io_block_grad_backward(ctx, up):
     return d_grad, d_x, d_weight, None, None, None
 
 
-torch.library.register_autograd(
-    LIB + "bat_io_block_grad", _bat_io_block_grad_backward, setup_context=_bat_io_block_grad_setup
-)
+register_autograd("bat_io_block_grad", _bat_io_block_grad_backward, _bat_io_block_grad_setup)
 
 
 # ---------------------------------------------------------------- bat_weight_grad
@@ -204,9 +199,7 @@ def _bat_weight_grad_backward(ctx, up):
     return d_grad, d_block
 
 
-torch.library.register_autograd(
-    LIB + "bat_weight_grad", _bat_weight_grad_backward, setup_context=_bat_weight_grad_setup
-)
+register_autograd("bat_weight_grad", _bat_weight_grad_backward, _bat_weight_grad_setup)
 
 
 # ---------------------------------------------------------------- bat_linear
@@ -301,9 +294,7 @@ def _bat_linear_backward(ctx, grad):
     return (grad_x, grad_w, grad_bias, grad_blocks, None)[: len(ctx.needs_input_grad)]
 
 
-torch.library.register_autograd(
-    LIB + "bat_linear", _bat_linear_backward, setup_context=_bat_linear_setup
-)
+register_autograd("bat_linear", _bat_linear_backward, _bat_linear_setup)
 
 
 # ---------------------------------------------------------------- bat_input_grad
@@ -349,9 +340,7 @@ def _bat_input_grad_backward(ctx, up):
     return (d_grad, d_w, d_blocks, None)[: len(ctx.needs_input_grad)]
 
 
-torch.library.register_autograd(
-    LIB + "bat_input_grad", _bat_input_grad_backward, setup_context=_bat_input_grad_setup
-)
+register_autograd("bat_input_grad", _bat_input_grad_backward, _bat_input_grad_setup)
 
 
 # ---------------------------------------------------------------- bat_unmerge
@@ -382,6 +371,4 @@ def _bat_unmerge_backward(ctx, up):
     return grad_w, grad_b
 
 
-torch.library.register_autograd(
-    LIB + "bat_unmerge", _bat_unmerge_backward, setup_context=_bat_unmerge_setup
-)
+register_autograd("bat_unmerge", _bat_unmerge_backward, _bat_unmerge_setup)

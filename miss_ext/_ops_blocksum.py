@@ -5,16 +5,17 @@ each op's fake kernel next to its autograd formula. docs/MATH.md sections 1, 2 a
 import torch
 
 from ._ops_common import (
-    cpp_dtype,
     FLOATS,
     LIB,
     check_dropout,
     check_features_last,
     check_float,
     check_rank,
+    cpp_dtype,
     holds,
     needs,
     ops,
+    register_autograd,
     same_device,
 )
 
@@ -75,7 +76,7 @@ def _blocksum_backward(ctx, grad):
     return ops.tile(grad, ctx.features, ctx.x_dtype), None, None
 
 
-torch.library.register_autograd(LIB + "blocksum", _blocksum_backward, setup_context=_blocksum_setup)
+register_autograd("blocksum", _blocksum_backward, _blocksum_setup)
 
 
 # ---------------------------------------------------------------- blocksum_dropout
@@ -99,9 +100,7 @@ def _blocksum_dropout_backward(ctx, grad):
     return ops.tile_dropout(grad, ctx.features, ctx.p, seed, ctx.x_dtype), None, None, None, None
 
 
-torch.library.register_autograd(
-    LIB + "blocksum_dropout", _blocksum_dropout_backward, setup_context=_blocksum_dropout_setup
-)
+register_autograd("blocksum_dropout", _blocksum_dropout_backward, _blocksum_dropout_setup)
 
 
 # ---------------------------------------------------------------- tile
@@ -121,7 +120,7 @@ def _tile_backward(ctx, grad):
     return ops.blocksum(grad, ctx.r, ctx.s_dtype), None, None
 
 
-torch.library.register_autograd(LIB + "tile", _tile_backward, setup_context=_tile_setup)
+register_autograd("tile", _tile_backward, _tile_setup)
 
 
 # ---------------------------------------------------------------- tile_dropout
@@ -145,9 +144,7 @@ def _tile_dropout_backward(ctx, grad):
     return ops.blocksum_dropout(grad, ctx.r, ctx.p, seed, ctx.s_dtype), None, None, None, None
 
 
-torch.library.register_autograd(
-    LIB + "tile_dropout", _tile_dropout_backward, setup_context=_tile_dropout_setup
-)
+register_autograd("tile_dropout", _tile_dropout_backward, _tile_dropout_setup)
 
 
 # ---------------------------------------------------------------- tile_add
@@ -181,4 +178,4 @@ def _tile_add_backward(ctx, grad):
     return grad, grad_s
 
 
-torch.library.register_autograd(LIB + "tile_add", _tile_add_backward, setup_context=_tile_add_setup)
+register_autograd("tile_add", _tile_add_backward, _tile_add_setup)

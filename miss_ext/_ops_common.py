@@ -108,6 +108,7 @@ def check_bias(op, bias, out_f):
 
 
 _EMULATED = {}
+_HALF = (torch.bfloat16, torch.float16)
 _UPCAST_ELEMS = 1 << 22  # fp32 elements of one upcast weight slab (16 MB)
 
 
@@ -116,7 +117,7 @@ def emulated_half_gemm(t: torch.Tensor) -> bool:
     the ISA, e.g. AVX2 only) and emulates it: measured there (AMD EPYC, AVX2, torch 2.13) at
     0.7 GFLOP/s for ``G @ W`` (a linear layer's input gradient) against 110 for the same product
     upcast to fp32, conversions included."""
-    if t.device.type != "cpu" or t.dtype not in (torch.bfloat16, torch.float16):
+    if t.dtype not in _HALF or t.device.type != "cpu":  # dtype first: the cheaper test
         return False
     if t.dtype not in _EMULATED:
         # MISS_EXT_CPU_HALF_GEMM=upcast or =aten forces the choice, as for the C++ ops
@@ -162,3 +163,104 @@ def upcast_if_emulated(t: torch.Tensor) -> Optional[torch.Tensor]:
     """``t`` in fp32 where torch emulates its half type's GEMM (to be shared by several
     products), else None."""
     return t.float() if emulated_half_gemm(t) else None
+
+
+# ---------------------------------------------------------------- eager autograd
+#
+# torch.library.register_autograd wraps each op in Python glue that runs on every call, with or
+# without grad: a generated autograd.Function, a Python redispatch and a rebuild of the argument
+# list from the schema (~60-100 us per call on a 2-core CPU, more than a small layer's kernels).
+# In eager mode the functional wrappers call the op through a lean autograd.Function of the same
+# setup/backward formulas instead, and run the backward below autograd, so the ops inside it go
+# straight to their kernels. torch.compile, functorch transforms, tensor subclasses and
+# torch-function modes keep the registered path (the op itself), which is what they trace.
+
+_EAGER = {}  # op name -> (autograd.Function, OpOverload, schema defaults)
+_peek_functorch = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager_enabled() -> bool:
+    # MISS_EXT_EAGER_AUTOGRAD=0 keeps every call on torch.library's path (tests compare the two).
+    return os.environ.get("MISS_EXT_EAGER_AUTOGRAD", "1") != "0"
+
+
+class _Unpacked:
+    """A backward's ctx with its saved tensors unpacked once (checkpointing allows one unpack)."""
+
+    __slots__ = ("_ctx", "saved_tensors")
+
+    def __init__(self, ctx) -> None:
+        self._ctx = ctx
+        self.saved_tensors = ctx.saved_tensors
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+
+def register_autograd(name: str, backward, setup_context) -> None:
+    """``torch.library.register_autograd`` for ``miss_ext::name``, plus the eager
+    ``autograd.Function`` of the same two formulas that :func:`call` uses. Ops with a tensor-list
+    argument keep only the registered path (an autograd.Function sees no tensors inside lists)."""
+    from torch._library.utils import is_tensorlist_like_type
+
+    torch.library.register_autograd(LIB + name, backward, setup_context=setup_context)
+    op = getattr(ops, name).default
+    arguments = op._schema.arguments
+    if any(is_tensorlist_like_type(a.type) for a in arguments):
+        return
+    defaults = tuple(a.default_value if a.has_default_value() else None for a in arguments)
+
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            out = op(*args)
+        setup_context(ctx, args, out)
+        return out
+
+    def backward_below_autograd(ctx, *grads):
+        if torch.is_grad_enabled():  # create_graph: the backward's own ops record their graph
+            return backward(ctx, *grads)
+        # Saved tensors are unpacked first, outside the guard: unpacking may run user code that
+        # must record autograd (non-reentrant checkpointing recomputes the forward there).
+        unpacked = _Unpacked(ctx)
+        with torch._C._AutoDispatchBelowAutograd():
+            return backward(unpacked, *grads)
+
+    fn = type(f"MissExt_{name}", (torch.autograd.Function,),
+              {"forward": staticmethod(forward), "backward": staticmethod(backward_below_autograd)})
+    _EAGER[name] = (fn, op, defaults)
+
+
+def _eager_ok(args) -> bool:
+    if torch.compiler.is_compiling() or _peek_functorch is None or _peek_functorch() is not None:
+        return False
+    if torch._C._is_torch_function_mode_enabled():
+        return False
+    return all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))
+
+
+def call(name: str, *args):
+    """``torch.ops.miss_ext.<name>(*args)``, taken through the eager autograd.Function where
+    :func:`_eager_ok` allows (same kernels, same formulas, same numbers)."""
+    entry = _EAGER.get(name)
+    if entry is None or not _eager_ok(args) or not _eager_enabled():
+        return getattr(ops, name)(*args)
+    fn, op, defaults = entry
+    if len(args) < len(defaults):
+        args = args + defaults[len(args):]
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return fn.apply(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+class _EagerOps:
+    """``torch.ops.miss_ext`` for the functional wrappers: ``eager_ops.name(*args)`` is
+    :func:`call`. Positional arguments only (the eager path fills the schema's defaults)."""
+
+    def __getattr__(self, name):
+        getattr(ops, name)  # an unknown op fails here, as on torch.ops
+        return lambda *args: call(name, *args)
+
+
+eager_ops = _EagerOps()

@@ -5,13 +5,14 @@ docs/MATH.md section 12.
 import torch
 
 from ._ops_common import (
-    cpp_dtype,
     LIB,
     check_dim,
     check_float,
     check_holds,
     check_rank,
+    cpp_dtype,
     ops,
+    register_autograd,
     same_device,
     same_dtype,
 )
@@ -91,6 +92,4 @@ def _miss_gathered_product_backward(ctx, up):
     return (up if ctx.needs_input_grad[0] else None), grad_s, grad_blocks, None
 
 
-torch.library.register_autograd(
-    LIB + "miss_gathered_product", _miss_gathered_product_backward, setup_context=_miss_gathered_product_setup
-)
+register_autograd("miss_gathered_product", _miss_gathered_product_backward, _miss_gathered_product_setup)

@@ -11,6 +11,7 @@ from ._ops_common import (
     check_rank,
     needs,
     ops,
+    register_autograd,
     same_device,
 )
 
@@ -50,6 +51,4 @@ def _miss_merge_backward(ctx, up):
     return (up if needs(ctx, 0) else None), grad_b, None
 
 
-torch.library.register_autograd(
-    LIB + "miss_merge", _miss_merge_backward, setup_context=_miss_merge_setup
-)
+register_autograd("miss_merge", _miss_merge_backward, _miss_merge_setup)

@@ -16,6 +16,7 @@ from ._ops_common import (
     half_mm,
     needs,
     ops,
+    register_autograd,
     same_device,
     same_dtype,
     upcast_if_emulated,
@@ -142,9 +143,7 @@ def _miss_linear_backward(ctx, grad_y, grad_s):
     return grad_x, grad_w, grad_bias, grad_block, None, None, None
 
 
-torch.library.register_autograd(
-    LIB + "miss_linear", _miss_linear_backward, setup_context=_miss_linear_setup
-)
+register_autograd("miss_linear", _miss_linear_backward, _miss_linear_setup)
 
 
 # ---------------------------------------------------------------- miss_add_product
@@ -169,9 +168,7 @@ def _miss_add_product_backward(ctx, up):
     return (up if needs(ctx, 0) else None), grad_s, grad_block
 
 
-torch.library.register_autograd(
-    LIB + "miss_add_product", _miss_add_product_backward, setup_context=_miss_add_product_setup
-)
+register_autograd("miss_add_product", _miss_add_product_backward, _miss_add_product_setup)
 
 
 # ---------------------------------------------------------------- miss_block_grads
@@ -209,6 +206,4 @@ def _miss_block_grads_backward(ctx, up_block, up_s):
     return d_grad, d_s, d_block
 
 
-torch.library.register_autograd(
-    LIB + "miss_block_grads", _miss_block_grads_backward, setup_context=_miss_block_grads_setup
-)
+register_autograd("miss_block_grads", _miss_block_grads_backward, _miss_block_grads_setup)

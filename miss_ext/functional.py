@@ -12,9 +12,8 @@ from typing import Optional, Sequence
 import torch
 
 from . import _checks
+from ._ops_common import eager_ops as ops
 from ._ops_common import holds
-
-ops = torch.ops.miss_ext
 
 __all__ = [
     "dropout_seed",

@@ -422,3 +422,15 @@ def test_half_emulation_bench_tiny(capsys):
     for row in rows:  # four positive, finite ratios
         ratios = [float(c) for c in row.split("|")[2:6]]
         assert all(0 < v < math.inf for v in ratios), row
+
+
+def test_overhead_bench_tiny(capsys):
+    from bench import overhead_bench
+
+    overhead_bench.main(["--rounds", "1", "--calls", "2", "--variants", "standard,bat"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("standard ", "bat "))]
+    assert len(rows) == 6
+    for row in rows:  # the frozen time and the four ratios: positive and finite
+        cells = row.split("|")
+        values = [float(cells[1])] + [float(v) for v in cells[3].split()]
+        assert len(values) == 5 and all(0 < v < math.inf for v in values), row
