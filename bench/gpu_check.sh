@@ -11,11 +11,12 @@
 #      kernels is left to CI),
 #   4. the benchmarks, model level first: python -m bench train --device cuda (the training
 #      step x the frozen model's, bf16 Llama with fp32 blocks, all-linear and q/v, autocast off
-#      and on), then python -m bench --device cuda and --suite llm in bfloat16 (a failure there
+#      and on), the per-call overhead (python -m bench.overhead_bench --device cuda), then
+#      python -m bench --device cuda and --suite llm in bfloat16 (a failure there
 #      is reported, not fatal).
 # Everything goes to $OUT when it is set, else to bench/results/gpu_check/: build.log,
 # info.log, parity.log, parity.xml (JUnit), tests.log, tests.xml (JUnit), bench.log/.csv/.png (the default table),
-# train_step.log/.csv (the model-level step table), bench_llm.log/.csv (the LLM-shape table), summary.txt (one line per step). Each step has a
+# train_step.log/.csv (the model-level step table), overhead.log (per-call overhead), bench_llm.log/.csv (the LLM-shape table), summary.txt (one line per step). Each step has a
 # timeout and the whole run stays under 8 minutes. Exit status: non-zero when the build, the
 # parity sweep or the tests fail.
 #
@@ -117,6 +118,11 @@ run_step "pytest -k cuda" 180 "$LOGS/tests.log" \
 train_args=(train --device cuda --steps 8 --train-warmup 3 --no-progress --csv "$LOGS/train_step.csv")
 if ! run_step "bench train step" 90 "$LOGS/train_step.log" "$PY" -m bench "${train_args[@]}"; then
   log "the model-level step table did not complete; see $LOGS/train_step.log (not counted as a failure)"
+fi
+# Per-call overhead (a tiny layer: the host's Python and dispatch work per adapted layer, what a
+# small model's GPU step waits on): frozen, PEFT, patch, ours, ours on the registered autograd.
+if ! run_step "bench overhead" 40 "$LOGS/overhead.log" "$PY" -m bench.overhead_bench --device cuda --rounds 5 --calls 50; then
+  log "the per-call overhead table did not complete; see $LOGS/overhead.log (not counted as a failure)"
 fi
 bench_args=(--device cuda --no-progress --csv "$LOGS/bench.csv" --png "$LOGS/bench.png")
 if ! run_step "bench" 200 "$LOGS/bench.log" "$PY" -m bench "${bench_args[@]}"; then

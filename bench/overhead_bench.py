@@ -12,7 +12,7 @@ Rows, forward + backward per call, interleaved rounds, medians:
 * ``ours-registered``: the same with ``MISS_EXT_EAGER_AUTOGRAD=0``, every op through
   torch.library's registered autograd (what torch.compile traces).
 
-    python -m bench.overhead_bench [--rounds 15] [--calls 100] [--variants standard,mini,bat]
+    python -m bench.overhead_bench [--rounds 15] [--calls 100] [--variants standard,mini,bat] [--device cuda]
 
 Every ratio is lower-is-better; ``+us`` is the time per call above the frozen layer's.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import os
 import statistics
 import time
 from typing import Callable, Dict
@@ -47,24 +46,22 @@ class _One(nn.Module):
 
 
 @contextlib.contextmanager
-def _env(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
+def _registered_autograd():
+    """Every op through torch.library's registered autograd (MISS_EXT_EAGER_AUTOGRAD=0)."""
+    before = _ops_common.EAGER_AUTOGRAD["enabled"]
+    _ops_common.EAGER_AUTOGRAD["enabled"] = False
     try:
         yield
     finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
+        _ops_common.EAGER_AUTOGRAD["enabled"] = before
 
 
-def _layers(variant: str, dtype: torch.dtype, features: int, r: int) -> Dict[str, Callable]:
+def _layers(variant: str, dtype: torch.dtype, features: int, r: int, device: str) -> Dict[str, Callable]:
     """name -> (module, context factory): the rows above, on the same base weight."""
     from peft import MissConfig, get_peft_model
 
     torch.manual_seed(0)
-    model = _One(features).to(dtype)
+    model = _One(features).to(device=device, dtype=dtype)
     frozen = copy.deepcopy(model.lin).requires_grad_(False)
     cfg = dict(r=r, mini_r=r, target_modules=["lin"], init_weights=INIT_WEIGHTS[variant])
     peft_layer = get_peft_model(copy.deepcopy(model), MissConfig(**cfg)).base_model.model.lin
@@ -79,7 +76,7 @@ def _layers(variant: str, dtype: torch.dtype, features: int, r: int) -> Dict[str
         "peft": (peft_layer, none),
         "patch": (peft_layer, mp.patched),
         "ours": (ours, none),
-        "ours-registered": (ours, lambda: _env("MISS_EXT_EAGER_AUTOGRAD", "0")),
+        "ours-registered": (ours, _registered_autograd),
     }
 
 
@@ -95,33 +92,36 @@ def _graph_names(fn):
     return names
 
 
-def _check_paths(rows, x, g, autocast: bool) -> None:
-    """The two ``ours`` rows must take the paths they are named for (BAT's tensor-list op has
-    only the registered one)."""
+def _check_paths(rows, x, autocast: bool) -> None:
+    """The two ``ours`` rows must take the paths they are named for."""
     for name in ("ours", "ours-registered"):
         layer, ctx = rows[name]
-        with ctx(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        with ctx(), torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
             eager = any(n.startswith("MissExt_") for n in _graph_names(layer(x).grad_fn))
-        if eager != (name == "ours") and layer.miss_variant["default"] != "bat":
+        if eager != (name == "ours"):
             raise RuntimeError(f"bench.overhead_bench: row {name!r} did not take its autograd path")
 
 
 def measure(variant: str, dtype: torch.dtype, autocast: bool, rounds: int, calls: int,
-            tokens: int = 8, features: int = 256, r: int = 16) -> Dict[str, float]:
-    """Median microseconds per forward + backward call of each row, rounds interleaved."""
-    rows = _layers(variant, dtype, features, r)
-    x = torch.randn(tokens, features, dtype=dtype, requires_grad=True)
-    g = torch.randn(tokens, features, dtype=dtype)
-    _check_paths(rows, x, g, autocast)
+            tokens: int = 8, features: int = 256, r: int = 16, device: str = "cpu") -> Dict[str, float]:
+    """Median microseconds per forward + backward call of each row, rounds interleaved (on CUDA
+    each row's calls end with a synchronize: the time is what the host waits for)."""
+    rows = _layers(variant, dtype, features, r, device)
+    x = torch.randn(tokens, features, dtype=dtype, device=device, requires_grad=True)
+    g = torch.randn(tokens, features, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    _check_paths(rows, x, autocast)
     times = {name: [] for name in rows}
     for rnd in range(rounds + 1):  # round 0 warms up
         for name, (layer, ctx) in rows.items():
             with ctx():
+                sync()
                 start = time.perf_counter()
                 for _ in range(calls):
-                    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                    with torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
                         y = layer(x)
                     y.backward(g)
+                sync()
                 elapsed = time.perf_counter() - start
             if rnd:
                 times[name].append(elapsed / calls * 1e6)
@@ -134,14 +134,16 @@ def main(argv=None) -> None:
     ap.add_argument("--calls", type=int, default=100)
     ap.add_argument("--variants", default="standard,mini,bat")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     configs = [(torch.float32, False, "fp32"), (torch.bfloat16, False, "bf16+fp32"),
                (torch.bfloat16, True, "bf16+fp32 autocast")]
     print(f"# miss_ext per-call overhead: 8 tokens, 256 -> 256, r = 16, fwd+bwd per call; "
-          f"torch={torch.__version__} threads={args.threads} rounds={args.rounds} calls={args.calls}")
+          f"torch={torch.__version__} device={args.device} threads={args.threads} rounds={args.rounds} "
+          f"calls={args.calls}")
     print("# us: median per call; +us: above the frozen nn.Linear; x frozen and ours/peft: lower is better")
-    if _ops_common.emulated_half_gemm(torch.empty(0, dtype=torch.bfloat16)):
+    if args.device == "cpu" and _ops_common.emulated_half_gemm(torch.empty(0, dtype=torch.bfloat16)):
         print("# this CPU has no bf16 GEMM (torch emulates it): the bf16 rows' frozen layer runs the "
               "emulation, miss_ext upcasts (docs/MATH.md 11.5); read overhead from the fp32 rows")
     head = (f"{'variant':8} {'config':18} | {'frozen us':>9} | {'peft +us':>8} {'patch +us':>9} {'ours +us':>8} "
@@ -150,7 +152,7 @@ def main(argv=None) -> None:
     print("-" * len(head))
     for variant in args.variants.split(","):
         for dtype, autocast, label in configs:
-            t = measure(variant, dtype, autocast, args.rounds, args.calls)
+            t = measure(variant, dtype, autocast, args.rounds, args.calls, device=args.device)
             f = t["frozen"]
             print(f"{variant:8} {label:18} | {f:9.1f} | {t['peft'] - f:8.1f} {t['patch'] - f:9.1f} "
                   f"{t['ours'] - f:8.1f} {t['ours-registered'] - f:14.1f} | {t['ours'] / f:13.2f} "

@@ -35,7 +35,8 @@ def forward(view, x: torch.Tensor, args, kwargs) -> torch.Tensor:
         view.check_bat()
         base_out = bat_output(x, view.base_weight(), view.bias, bat, view.bat_precision)
         terms = [t for t in terms if t[1] != "bat"]
-    return additive_output(view, x, terms, args, kwargs, base_out).to(previous_dtype)
+    out = additive_output(view, x, terms, args, kwargs, base_out)
+    return out if out.dtype == previous_dtype else out.to(previous_dtype)
 
 
 def additive_output(
@@ -141,10 +142,16 @@ def bat_dtype(x: torch.Tensor, weight: torch.Tensor, blocks: Sequence[torch.Tens
     return dtype
 
 
+_AUTOCAST_AVAILABLE = {}  # device type -> torch.amp.is_autocast_available (asked once per type)
+
+
 def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     device_type = x.device.type
+    available = _AUTOCAST_AVAILABLE.get(device_type)
+    if available is None:
+        available = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
     # Devices without autocast (meta) raise on the query itself; nothing can be autocast there.
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if available and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 

@@ -175,81 +175,139 @@ def upcast_if_emulated(t: torch.Tensor) -> Optional[torch.Tensor]:
 # straight to their kernels. torch.compile, functorch transforms, tensor subclasses and
 # torch-function modes keep the registered path (the op itself), which is what they trace.
 
-_EAGER = {}  # op name -> (autograd.Function, OpOverload, schema defaults)
+_EAGER = {}  # op name -> (autograd.Function, OpOverload, schema defaults, tensor-list positions)
 _peek_functorch = getattr(torch._C._functorch, "peek_interpreter_stack", None)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _eager_enabled() -> bool:
-    # MISS_EXT_EAGER_AUTOGRAD=0 keeps every call on torch.library's path (tests compare the two).
-    return os.environ.get("MISS_EXT_EAGER_AUTOGRAD", "1") != "0"
+# MISS_EXT_EAGER_AUTOGRAD=0 (read at import) keeps every call on torch.library's path; tests and
+# bench.overhead_bench switch "enabled" at run time to compare the two.
+EAGER_AUTOGRAD = {"enabled": os.environ.get("MISS_EXT_EAGER_AUTOGRAD", "1") != "0"}
 
 
 class _Unpacked:
-    """A backward's ctx with its saved tensors unpacked once (checkpointing allows one unpack)."""
+    """A backward's ctx with its saved tensors unpacked once (checkpointing allows one unpack)
+    and, for an op with tensor-list arguments, ``needs_input_grad`` in the op's argument
+    structure (a list of flags for a list argument, as torch.library passes it)."""
 
-    __slots__ = ("_ctx", "saved_tensors")
+    __slots__ = ("_ctx", "saved_tensors", "needs_input_grad")
 
-    def __init__(self, ctx) -> None:
+    def __init__(self, ctx, needs_input_grad) -> None:
         self._ctx = ctx
         self.saved_tensors = ctx.saved_tensors
+        self.needs_input_grad = needs_input_grad
 
     def __getattr__(self, name):
         return getattr(self._ctx, name)
 
 
+def _unflatten(lengths, flat):
+    """The op's arguments from the Function's flat inputs: ``lengths[i]`` is None for a plain
+    argument, the list's length for a tensor list (an autograd.Function sees no tensors inside
+    lists, so they travel as separate inputs)."""
+    args, k = [], 0
+    for n in lengths:
+        if n is None:
+            args.append(flat[k])
+            k += 1
+        else:
+            args.append(list(flat[k:k + n]))
+            k += n
+    return args
+
+
 def register_autograd(name: str, backward, setup_context) -> None:
     """``torch.library.register_autograd`` for ``miss_ext::name``, plus the eager
-    ``autograd.Function`` of the same two formulas that :func:`call` uses. Ops with a tensor-list
-    argument keep only the registered path (an autograd.Function sees no tensors inside lists)."""
+    ``autograd.Function`` of the same two formulas that :func:`call` uses."""
     from torch._library.utils import is_tensorlist_like_type
 
     torch.library.register_autograd(LIB + name, backward, setup_context=setup_context)
     op = getattr(ops, name).default
     arguments = op._schema.arguments
-    if any(is_tensorlist_like_type(a.type) for a in arguments):
-        return
     defaults = tuple(a.default_value if a.has_default_value() else None for a in arguments)
+    lists = tuple(i for i, a in enumerate(arguments) if is_tensorlist_like_type(a.type))
 
-    def forward(ctx, *args):
+    def forward(ctx, lengths, *flat):
+        args = _unflatten(lengths, flat) if lists else flat
         with torch._C._AutoDispatchBelowAutograd():
             out = op(*args)
-        setup_context(ctx, args, out)
+        # The formulas read needs_input_grad in the op's argument structure, without `lengths`.
+        flags = ctx.needs_input_grad
+        ctx.needs_input_grad = tuple(_unflatten(lengths, flags[1:])) if lists else flags[1:]
+        try:
+            setup_context(ctx, tuple(args), out)
+        finally:
+            ctx.needs_input_grad = flags
+        ctx.miss_ext_lengths = lengths
         return out
 
-    def backward_below_autograd(ctx, *grads):
+    def backward_eager(ctx, *grads):
+        lengths = ctx.miss_ext_lengths
+        needs = ctx.needs_input_grad[1:]  # the first input is `lengths`
+        # Saved tensors are unpacked first, outside the guard below: unpacking may run user code
+        # that must record autograd (non-reentrant checkpointing recomputes the forward there).
+        unpacked = _Unpacked(ctx, _unflatten(lengths, needs) if lists else needs)
         if torch.is_grad_enabled():  # create_graph: the backward's own ops record their graph
-            return backward(ctx, *grads)
-        # Saved tensors are unpacked first, outside the guard: unpacking may run user code that
-        # must record autograd (non-reentrant checkpointing recomputes the forward there).
-        unpacked = _Unpacked(ctx)
-        with torch._C._AutoDispatchBelowAutograd():
-            return backward(unpacked, *grads)
+            result = backward(unpacked, *grads)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                result = backward(unpacked, *grads)
+        if not isinstance(result, tuple):
+            result = (result,)
+        flat = [None]
+        for i, n in enumerate(lengths):
+            g = result[i] if i < len(result) else None
+            if n is None:
+                flat.append(g)
+            else:
+                flat.extend(g if g is not None else [None] * n)
+        return tuple(flat)
 
     fn = type(f"MissExt_{name}", (torch.autograd.Function,),
-              {"forward": staticmethod(forward), "backward": staticmethod(backward_below_autograd)})
-    _EAGER[name] = (fn, op, defaults)
+              {"forward": staticmethod(forward), "backward": staticmethod(backward_eager)})
+    _EAGER[name] = (fn, op, defaults, lists)
 
 
-def _eager_ok(args) -> bool:
-    if torch.compiler.is_compiling() or _peek_functorch is None or _peek_functorch() is not None:
-        return False
-    if torch._C._is_torch_function_mode_enabled():
-        return False
-    return all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))
+def _eager_context() -> bool:
+    """Whether the call may bypass the op's registered autograd: not while torch.compile traces,
+    not inside a functorch transform, not under a torch-function mode."""
+    return not (
+        torch.compiler.is_compiling()
+        or _peek_functorch is None
+        or _peek_functorch() is not None
+        or torch._C._is_torch_function_mode_enabled()
+    )
 
 
 def call(name: str, *args):
     """``torch.ops.miss_ext.<name>(*args)``, taken through the eager autograd.Function where
-    :func:`_eager_ok` allows (same kernels, same formulas, same numbers)."""
+    :func:`_eager_context` allows and every tensor is a plain one (same kernels, same formulas,
+    same numbers); otherwise through the op and its registered autograd."""
     entry = _EAGER.get(name)
-    if entry is None or not _eager_ok(args) or not _eager_enabled():
+    if entry is None or not EAGER_AUTOGRAD["enabled"] or not _eager_context():
         return getattr(ops, name)(*args)
-    fn, op, defaults = entry
+    fn, op, defaults, lists = entry
     if len(args) < len(defaults):
         args = args + defaults[len(args):]
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        return fn.apply(*args)
+    flat, lengths = args, (None,) * len(args)
+    if lists:
+        flat, lengths = [], []
+        for i, a in enumerate(args):
+            if i in lists:
+                flat.extend(a)
+                lengths.append(len(a))
+            else:
+                flat.append(a)
+                lengths.append(None)
+        lengths = tuple(lengths)
+    grad = False
+    for a in flat:  # one pass: plain tensors only (a subclass keeps the registered op), any grad
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN:
+                return getattr(ops, name)(*args)
+            grad = grad or a.requires_grad
+    if grad and torch.is_grad_enabled():
+        return fn.apply(lengths, *flat)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
 
