@@ -80,7 +80,8 @@ def _layers(variant: str, dtype: torch.dtype, features: int, r: int, device: str
     }
 
 
-def _graph_names(fn):
+def graph_node_names(fn):
+    """The type names of every node of the autograd graph ending in ``fn``."""
     seen, todo, names = set(), [fn], []
     while todo:
         f = todo.pop()
@@ -97,7 +98,7 @@ def _check_paths(rows, x, autocast: bool) -> None:
     for name in ("ours", "ours-registered"):
         layer, ctx = rows[name]
         with ctx(), torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
-            eager = any(n.startswith("MissExt_") for n in _graph_names(layer(x).grad_fn))
+            eager = any(n.startswith("MissExt_") for n in graph_node_names(layer(x).grad_fn))
         if eager != (name == "ours"):
             raise RuntimeError(f"bench.overhead_bench: row {name!r} did not take its autograd path")
 

@@ -12,6 +12,7 @@ import torch
 
 import miss_ext
 import miss_ext.functional as MF
+from bench.overhead_bench import graph_node_names
 from miss_ext import _ops_common
 
 
@@ -74,19 +75,6 @@ def _case(name, dtype=torch.float32, block_dtype=torch.float32, autocast=False):
     return run
 
 
-def _graph(fn):
-    """The type names of every node of an autograd graph."""
-    seen, todo, names = set(), [fn], []
-    while todo:
-        f = todo.pop()
-        if f is None or f in seen:
-            continue
-        seen.add(f)
-        names.append(type(f).__name__)
-        todo += [g for g, _ in f.next_functions]
-    return names
-
-
 CASES = [
     ("miss_linear", torch.float32, torch.float32, False),
     ("miss_linear", torch.bfloat16, torch.float32, False),
@@ -111,9 +99,9 @@ def test_eager_path_matches_registered_bit_for_bit(name, dtype, block_dtype, aut
     monkeypatch.setitem(_ops_common.EAGER_AUTOGRAD, "enabled", False)
     slow_fn, slow = _case(name, dtype, block_dtype, autocast)()
     # The path taken: our lean Function in eager mode, torch.library's generated one when off.
-    assert any("MissExt_" in n for n in _graph(fast_fn))
-    assert not any("MissExt_" in n for n in _graph(slow_fn))
-    assert any("GeneratedBackwardFor_miss_ext" in n for n in _graph(slow_fn))
+    assert any("MissExt_" in n for n in graph_node_names(fast_fn))
+    assert not any("MissExt_" in n for n in graph_node_names(slow_fn))
+    assert any("GeneratedBackwardFor_miss_ext" in n for n in graph_node_names(slow_fn))
     for a, b in zip(fast, slow):
         assert (a is None) == (b is None)
         if a is not None:
