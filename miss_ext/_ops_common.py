@@ -1,12 +1,14 @@
 """What the operator families share: the ``torch.ops.miss_ext`` handle, the argument rules their
 fake kernels apply (those of csrc/front/, with the same messages, so meta tensors,
 FakeTensor and torch.compile tracing reject exactly what the real kernels reject), the dtype
-relation ``holds`` and the autograd helper ``needs``."""
+relation ``holds``, the autograd helper ``needs``, the half-type GEMM helpers, and the autograd
+registration every family uses (``register_autograd``) with its eager path (``call``)."""
 
 import os
 from typing import Optional
 
 import torch
+from torch._library.utils import is_tensorlist_like_type
 
 from ._checks import FLOATS
 
@@ -219,8 +221,6 @@ def _unflatten(lengths, flat):
 def register_autograd(name: str, backward, setup_context) -> None:
     """``torch.library.register_autograd`` for ``miss_ext::name``, plus the eager
     ``autograd.Function`` of the same two formulas that :func:`call` uses."""
-    from torch._library.utils import is_tensorlist_like_type
-
     torch.library.register_autograd(LIB + name, backward, setup_context=setup_context)
     op = getattr(ops, name).default
     arguments = op._schema.arguments
@@ -318,7 +318,9 @@ class _EagerOps:
 
     def __getattr__(self, name):
         getattr(ops, name)  # an unknown op fails here, as on torch.ops
-        return lambda *args: call(name, *args)
+        caller = lambda *args: call(name, *args)  # noqa: E731
+        setattr(self, name, caller)  # found as an attribute from now on: no lookup per call
+        return caller
 
 
 eager_ops = _EagerOps()
