@@ -26,6 +26,7 @@
 #include "cpu/amx.h"
 #include "cpu/bat_mixed.h"
 #include "cpu/convert.h"
+#include "cpu/tasks.h"
 #include "cpu/vec.h"
 #include "cpu/workspace.h"
 
@@ -139,17 +140,22 @@ void io_block_grad_amx(const at::Tensor& grad, const at::Tensor& x, const at::Te
   at::Tensor xt_t = workspace_empty({in, kp}, at::kBFloat16);
   uint16_t* xt_w = reinterpret_cast<uint16_t*>(xt_t.mutable_data_ptr<bf16>());
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr<bf16>());
-  at::parallel_for(0, (in + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t c0 = b0 * 64, c1 = std::min(in, b1 * 64);
-    vec::transpose_u16(xp + c0, n, c1 - c0, x.stride(0), xt_w + c0 * kp, kp);
-    if (kp > n)
-      for (int64_t c = c0; c < c1; ++c) xt_w[c * kp + n] = 0;
+  amx::Panels pg(n, out_f);  // G as the B operand: panel p holds output columns [64p, 64p + 64)
+  // x^T by column blocks of x and G's packing by row pairs, in one region.
+  enum { kTransposeX, kPackG };
+  const auto prep = spread_tasks({task_ranges(kTransposeX, (in + 63) / 64, 1),
+                                  task_ranges(kPackG, pg.kp() / 2, 16)});
+  run_tasks(prep, 0, [&](const Task& t, float*) {
+    if (t.kind == kTransposeX) {
+      const int64_t c0 = t.begin * 64, c1 = std::min(in, t.end * 64);
+      vec::transpose_u16(xp + c0, n, c1 - c0, x.stride(0), xt_w + c0 * kp, kp);
+      if (kp > n)
+        for (int64_t c = c0; c < c1; ++c) xt_w[c * kp + n] = 0;
+    } else {
+      pg.pack_rows(2 * t.begin, 2 * t.end, [&](int64_t k) { return reinterpret_cast<const bf16*>(gp + k * ldg); });
+    }
   });
   const uint16_t* xt = xt_w;
-  amx::Panels pg(n, out_f);  // G as the B operand: panel p holds output columns [64p, 64p + 64)
-  at::parallel_for(0, pg.kp() / 2, 16, [&](int64_t b0, int64_t b1) {
-    pg.pack_rows(2 * b0, 2 * b1, [&](int64_t k) { return reinterpret_cast<const bf16*>(gp + k * ldg); });
-  });
   // Column chunks of whole r-blocks, about 512 columns (a chunk of x^T stays in L2).
   const int64_t chunk = std::min(in, r * std::max<int64_t>(1, 512 / r));
   const int64_t width = pieces * r;
@@ -205,7 +211,7 @@ void io_block_grad_amx(const at::Tensor& grad, const at::Tensor& x, const at::Te
       amx::release();
     });
   }
-  at::parallel_for(0, nb, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* di = d.data() + i * width * r;
       const float* rs = rowsum_t.data() + i * r * r;
