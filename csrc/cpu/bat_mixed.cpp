@@ -136,12 +136,12 @@ void io_block_grad_amx(const at::Tensor& grad, const at::Tensor& x, const at::Te
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(weight.const_data_ptr<bf16>());
   float* op = out.mutable_data_ptr<float>();
 
-  // x^T (in x kp), zero-padded to an even K; in parallel over column blocks of x.
   at::Tensor xt_t = workspace_empty({in, kp}, at::kBFloat16);
   uint16_t* xt_w = reinterpret_cast<uint16_t*>(xt_t.mutable_data_ptr<bf16>());
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr<bf16>());
   amx::Panels pg(n, out_f);  // G as the B operand: panel p holds output columns [64p, 64p + 64)
-  // x^T by column blocks of x and G's packing by row pairs, in one region.
+  // x^T (in x kp, zero-padded to an even K) by column blocks of x and G's packing by row pairs,
+  // in one region.
   enum { kTransposeX, kPackG };
   const auto prep = spread_tasks({task_ranges(kTransposeX, (in + 63) / 64, 1),
                                   task_ranges(kPackG, pg.kp() / 2, 16)});

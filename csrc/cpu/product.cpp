@@ -111,7 +111,7 @@ void block_grads_fallback(const at::Tensor& grad, const at::Tensor& s, const at:
 //   dL/dS = G [hi(D) | lo(D)]^T              (G read in place as the A operand)
 //   dL/dD = [S1; S2; S3]^T G, S = S1 + S2 + S3 exactly (three bf16 pieces)
 // in two parallel regions, packing then products, the tasks of each spread over the threads
-// (cpu/tasks.h); one region per step, as before, measured 3-8% slower on 2 threads of an AMX
+// (cpu/tasks.h); one region per step, as before, measured 2-8% slower on 2 threads of an AMX
 // Xeon (512 tokens, out 1024-2816, r = 64). Every output element is made by one task in a fixed
 // order, so nothing depends on the thread count.
 void block_grads_amx(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& block,
