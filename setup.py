@@ -191,7 +191,7 @@ def extensions():
             print(f"miss_ext: building against torch {torch.__version__}, "
                   f"CUDA={'on (' + archs + ')' if with_cuda else 'off'}, "
                   f"OpenMP={'on' if _torch_uses_openmp() else 'off'}, "
-                  f"torch brgemm (AMX path)={'on' if brgemm_ok else 'off: ' + brgemm_why}", file=sys.stderr)
+                  f"torch brgemm (AMX / AVX512-BF16 path)={'on' if brgemm_ok else 'off: ' + brgemm_why}", file=sys.stderr)
             # pip shows these lines, and a line per compiled file (ninja: "[k/n] <compiler
             # command>"), only with -v; without it the build is silent until it ends.
             print(f"miss_ext: compiling {len(sources)} files (MAX_JOBS="

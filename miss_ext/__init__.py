@@ -46,8 +46,8 @@ def empty_cache() -> int:
 
 def build_info() -> dict:
     """How the compiled core was built (torch version, OpenMP, CUDA and its archs) and which CPU
-    paths run: ``cpu_brgemm`` / ``cpu_brgemm_status`` (torch's AMX micro-kernel, or why not) and
-    ``cpu_vector_isa`` (``avx512``, ``avx2`` or ``portable``)."""
+    paths run: ``cpu_brgemm`` / ``cpu_brgemm_status`` (torch's bf16 micro-kernel on AMX or
+    AVX512-BF16, or why not) and ``cpu_vector_isa`` (``avx512``, ``avx2`` or ``portable``)."""
     return dict(_C.build_info())
 
 
