@@ -3,10 +3,10 @@
 //
 // Why: the mixed-precision paths (bf16 base, fp32 adapter blocks) need products of bf16 data
 // whose result is NOT rounded to bf16. aten's bf16 GEMM can only return bf16, and an fp32 GEMM
-// runs several times slower than the bf16 one on AMX machines (2.5x on AVX512-BF16 ones). A product with one fp32 operand
-// is done as a sum of products with its bf16 pieces (hi + lo, see split_bf16), each exact in
-// fp32, so the result keeps 16 of fp32's 24 mantissa bits of that operand before any rounding
-// the caller does.
+// runs several times slower than the bf16 one on AMX machines (2.5x on AVX512-BF16 ones). A
+// product with one fp32 operand is done as a sum of products with its bf16 pieces (hi + lo, see
+// split_bf16), each exact in fp32, so the result keeps 16 of fp32's 24 mantissa bits of that
+// operand before any rounding the caller does.
 //
 // Layout: the B operand of C = A B (K x N) is packed in VNNI order, in column panels of at
 // most kPanel columns: element (k, n) of a panel of width w is at (k / 2) * 2w + 2n + k % 2,
