@@ -12,7 +12,8 @@ miss_ext's layer:
 * the frozen layer: ``F.linear(x, W)`` forward, ``G @ W`` backward (fl = their sum);
 * a pass over a tensor: one read and one write of it (``copy_``), or one read (a reduction);
 * a product in fp32 accuracy: the cheaper of aten's fp32 GEMM (conversions of bf16 operands not
-  counted) and ``pieces x its flops`` at the rate the frozen bf16 GEMM reaches (section 11.3);
+  counted) and ``pieces x its flops`` at the rate the frozen bf16 GEMM reaches (section 11.3),
+  pieces capped at 2 where an fp32 product runs at half the bf16 rate (``fp32_units``);
 * BAT's ``Gw = G^T x``: the cheaper of aten's weight-gradient GEMM and the frozen GEMM's time
   (the same flops).
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Dict, List
 
+import miss_ext
 import torch
 import torch.nn.functional as F
 
@@ -79,32 +81,56 @@ def _parts(case: K.Case, setup) -> Dict[str, Callable[[], object]]:
     return parts
 
 
-def product_time(t_fp32: float, flops: float, pieces: int, bf16_rate: float) -> float:
-    """An fp32-accurate product: aten's fp32 GEMM, or ``pieces`` bf16 GEMMs of its flops at
-    ``bf16_rate`` (flops per ms), whichever is cheaper (docs/MATH.md section 11.3)."""
-    return min(t_fp32, pieces * flops / bf16_rate)
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_tile" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def fp32_units(device="cpu") -> float:
+    """What one fp32 product costs in bf16 products of its flops, where an fp32 product can run
+    at the bf16 hardware's own fp32 rate: 2 on a CPU whose bf16 runs on AVX512-BF16 vector
+    instructions, not AMX, with miss_ext's fp32 micro-kernel active (a bf16 dot-product
+    instruction does twice the multiply-adds of an fp32 FMA; measured 200-220 against 410-450
+    GFLOP/s a core on a Zen 5). Elsewhere no such bound (inf): on AMX the bf16 tiles are many
+    times the fp32 rate, and aten's fp32 GEMM is timed on its own."""
+    if torch.device(device).type != "cpu" or _cpu_has_amx():
+        return float("inf")
+    return 2.0 if miss_ext.build_info().get("cpu_brgemm_fp32") else float("inf")
+
+
+def product_time(t_fp32: float, flops: float, pieces: int, bf16_rate: float,
+                 fp32_cost: float = float("inf")) -> float:
+    """An fp32-accurate product: aten's fp32 GEMM, ``pieces`` bf16 GEMMs of its flops at
+    ``bf16_rate`` (flops per ms), or one fp32 product at ``fp32_cost`` (see fp32_units) times
+    their cost, whichever is cheapest (docs/MATH.md section 11.3)."""
+    return min(t_fp32, min(pieces, fp32_cost) * flops / bf16_rate)
 
 
 def _read(t: Dict[str, float], what: str) -> float:
     return min(t[f"read_{what}"], t[f"read_{what}_blocksum"])
 
 
-def floor_of(case: K.Case, t: Dict[str, float]) -> Dict[str, float]:
-    """Floor time (ms) of forward and backward from the medians ``t`` of the parts."""
+def floor_of(case: K.Case, t: Dict[str, float], fp32_cost: float = float("inf")) -> Dict[str, float]:
+    """Floor time (ms) of forward and backward from the medians ``t`` of the parts; ``fp32_cost``
+    as fp32_units gives it for the machine."""
     s = case.shape
     n, fin, fout, r = s.tokens, s.in_features, s.out_features, s.r
     rate = 2.0 * n * fin * fout / t["fl_fwd"]  # flops per ms of the frozen bf16 GEMM
+    units = fp32_cost
     if case.variant == "standard":
         small = 2.0 * n * r * fout
-        fwd = t["fl_fwd"] + _read(t, "x") + product_time(t["fp32_fwd"], small, 6, rate) + t["pass_out"]
-        bwd = (t["fl_bwd"] + product_time(t["fp32_ds"], small, 2, rate) + product_time(t["fp32_dd"], small, 3, rate)
-               + t["pass_in"])
+        fwd = t["fl_fwd"] + _read(t, "x") + product_time(t["fp32_fwd"], small, 6, rate, units) + t["pass_out"]
+        bwd = (t["fl_bwd"] + product_time(t["fp32_ds"], small, 2, rate, units)
+               + product_time(t["fp32_dd"], small, 3, rate, units) + t["pass_in"])
     elif case.variant == "mini":  # the products are N x r x mini_r: negligible
         fwd = t["fl_fwd"] + _read(t, "x") + t["pass_out"]
         bwd = t["fl_bwd"] + _read(t, "g") + t["pass_in"]
     else:  # bat, default mode: W' formed (two pieces) in forward and again in backward
         transform = t["pass_w"] + 2 * (2.0 * fout * fin * r) / rate
-        contraction = 3 * (2.0 * fout * fin * r) / rate  # dL/dB from Gw, three pieces
+        contraction = min(3, units) * (2.0 * fout * fin * r) / rate  # dL/dB from Gw, three pieces
         # Gw = G^T x has the forward GEMM's flops: the cheaper of aten's product (slower than the
         # forward GEMM on CPU) and the forward GEMM's rate.
         gw = min(t["gw"], t["fl_fwd"])
@@ -145,7 +171,7 @@ def run_floor(args, shapes, dtype_specs, variants) -> int:
                 times = _time_round_robin(fns, warmup, repeats)
                 med = {k: median(v) for k, v in times.items()}
                 fl = med["fl_fwd"] + med["fl_bwd"]
-                fb = floor_of(case, med)
+                fb = floor_of(case, med, fp32_units("cpu"))
                 ours_ratio = paired_ratio(times["layer_ours"], times["layer_floor"])
                 # The frozen layer as measured (autograd included) plus the parts it does not run.
                 layer = med["layer_floor"]

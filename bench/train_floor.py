@@ -10,7 +10,8 @@ size r, the floor of standard MiSS adds to the frozen layer's forward and backwa
   ``dL/ds = G D^T``. Under autocast each is a bf16 GEMM (what autocast makes of them). Without
   autocast they must keep fp32 accuracy (the blocks are fp32 on a bf16 model): each costs the
   cheaper of aten's fp32 GEMM and ``pieces x its flops`` at the rate of the layer's own bf16 GEMM
-  (``N x in x out``), with 6, 3 and 2 pieces (bench/floor.py, docs/MATH.md section 11.3);
+  (``N x in x out``), with 6, 3 and 2 pieces, or 2 where an fp32 product runs at half the bf16
+  rate (AVX512-BF16 without AMX; bench/floor.py's fp32_units, docs/MATH.md section 11.3);
 * the tiled-gradient add: one pass (read and write) over ``dL/dx`` (``N x in``).
 
 and, once per step, the optimizer: gradient clipping (when the run clips) and the AdamW step
@@ -27,8 +28,9 @@ frozen forward GEMM), timed as the cheaper of aten's bf16 product and the frozen
 ``W' = W (I + B) + B`` is formed in forward and again in backward (nothing weight-sized is kept):
 each time one pass over W plus ``2 r in out`` flops at the frozen GEMM's rate, and the
 contraction of ``G^T x`` to the block gradient another ``2 r in out``. Without autocast the
-flops count 2 (transform) and 3 (contraction) bf16 pieces for fp32 accuracy (docs/MATH.md
-section 11.3; as ``python -m bench floor``), under autocast one.
+flops count 2 (transform) and 3 (contraction; 2 where an fp32 product runs at half the bf16
+rate) bf16 pieces for fp32 accuracy (docs/MATH.md section 11.3; as ``python -m bench floor``),
+under autocast one.
 
 The floor's step time is the frozen model's measured step (median, from the same run) plus the
 sum of these parts' medians over every adapted layer, plus the optimizer's; its ratio is that
@@ -47,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from . import timing
-from .floor import product_time
+from .floor import fp32_units, product_time
 from .train_bench import TARGETS, TrainConfig, optimizer
 
 FLOOR_VARIANTS = ("standard", "mini", "bat")
@@ -108,11 +110,13 @@ def _time(fns: Dict[str, Callable], device, warmup: int, repeats: int) -> Dict[s
 
 
 def layer_floor_ms(t: Dict[str, float], variant: str, n: int, fin: int, fout: int, cfg: TrainConfig,
-                   autocast: bool) -> Dict[str, float]:
-    """The floor's parts (ms) for one layer from the part medians ``t``."""
+                   autocast: bool, fp32_cost: float = float("inf")) -> Dict[str, float]:
+    """The floor's parts (ms) for one layer from the part medians ``t``; ``fp32_cost``: an fp32
+    product's cost in bf16 products of its flops where one runs at the hardware's fp32 rate
+    (bench/floor.py's fp32_units)."""
     rate = 2.0 * n * fin * fout / t["bf16_gemm"]  # flops per ms of the layer's own bf16 GEMM
     if variant == "bat":
-        transform_pieces, contraction_pieces = (1, 1) if autocast else (2, 3)
+        transform_pieces, contraction_pieces = (1, 1) if autocast else (2, min(3, fp32_cost))
         flops = 2.0 * cfg.r * fin * fout
         return {"gw": min(t["bat_gw"], t["bf16_gemm"]),
                 "transform": 2 * (t["pass_w"] + transform_pieces * flops / rate),
@@ -122,7 +126,7 @@ def layer_floor_ms(t: Dict[str, float], variant: str, n: int, fin: int, fout: in
     if autocast:
         products = t[f"{variant}_fwd"] + t[f"{variant}_dd"] + t[f"{variant}_ds"]
     else:
-        products = sum(product_time(t[f"{variant}_{k}"], flops, pieces, rate)
+        products = sum(product_time(t[f"{variant}_{k}"], flops, pieces, rate, fp32_cost)
                        for k, pieces in (("fwd", 6), ("dd", 3), ("ds", 2)))
     out = {"read_x": min(t["read_x_sum"], t["read_x_blocksum"]), "products": products, "grad_add": t["pass_dx"]}
     if variant == "mini":
@@ -155,11 +159,12 @@ def floor_rows(cfg: TrainConfig, targets: str, dtype, frozen_ms: float, device="
     """One row per variant: the frozen step ``frozen_ms`` plus the parts of every adapted layer
     (``cfg.autocast`` picks the products' precision). ``frozen_ms`` comes from the run beside it."""
     n = cfg.batch * cfg.seq
+    units = fp32_units(device)
     totals: Dict[str, Counter] = {v: Counter() for v in variants}
     for (fin, fout), count in layer_shapes(cfg, targets).items():
         t = _time(_parts(n, fin, fout, cfg, dtype, cfg.autocast, device), device, warmup, repeats)
         for v in variants:
-            for k, ms in layer_floor_ms(t, v, n, fin, fout, cfg, cfg.autocast).items():
+            for k, ms in layer_floor_ms(t, v, n, fin, fout, cfg, cfg.autocast, units).items():
                 totals[v][k] += count * ms
     for v in variants:
         totals[v]["optimizer"] = optimizer_ms(cfg, targets, v, device, warmup, repeats)

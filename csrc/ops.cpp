@@ -62,6 +62,8 @@ pybind11::dict build_info() {
   // and the instruction set the bf16 conversion loops (target_clones) were dispatched to.
   info["cpu_brgemm"] = miss_ext::cpu::amx::available();
   info["cpu_brgemm_status"] = miss_ext::cpu::amx::status();
+  // Its fp32 products (the fp32-block products where no bf16 piece is cheaper).
+  info["cpu_brgemm_fp32"] = miss_ext::cpu::amx::fp32_available();
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
   info["cpu_vector_isa"] = __builtin_cpu_supports("x86-64-v4")   ? "avx512"

@@ -400,6 +400,26 @@ def test_floor_model_counts_the_parts():
     assert f["bwd"] == pytest.approx(2.0 + 0.01 + 3 * 0.1 + 0.2)  # fp32 dS; dD in three pieces
 
 
+def test_floor_model_caps_the_pieces_where_fp32_runs_at_half_the_bf16_rate():
+    """fp32_cost = 2 (an fp32 product at half the bf16 rate, AVX512-BF16 without AMX): no
+    product counts more than two bf16 pieces; dS's two stay two, and the cheaper fp32 GEMM still
+    wins where it is cheaper."""
+    from bench import cases as K
+    from bench.floor import floor_of
+
+    case = K.Case("standard", torch.bfloat16, K.Shape(100, 200, 300, 10, 10), torch.float32)
+    t = {"fl_fwd": 2.0, "fl_bwd": 2.0, "pass_out": 0.1, "pass_in": 0.2, "pass_w": 0.3, "read_x": 0.05,
+         "read_x_blocksum": 0.04, "read_g": 0.5, "read_g_blocksum": 0.06, "fp32_fwd": 10.0,
+         "fp32_ds": 0.01, "fp32_dd": 10.0}
+    f = floor_of(case, t, fp32_cost=2.0)
+    assert f["fwd"] == pytest.approx(2.0 + 0.04 + 2 * 0.1 + 0.1)
+    assert f["bwd"] == pytest.approx(2.0 + 0.01 + 2 * 0.1 + 0.2)
+    bat = K.Case("bat", torch.bfloat16, K.Shape(100, 200, 300, 10, 10), torch.float32)
+    fb = floor_of(bat, {"fl_fwd": 2.0, "fl_bwd": 2.0, "pass_w": 0.3, "gw": 3.0}, fp32_cost=2.0)
+    transform = 0.3 + 2 * (2.0 * 300 * 200 * 10) / 6e6
+    assert fb["bwd"] == pytest.approx(2.0 + transform + 2.0 + 2 * (2.0 * 300 * 200 * 10) / 6e6)
+
+
 def test_floor_model_bat_takes_gw_at_the_better_rate():
     from bench import cases as K
     from bench.floor import floor_of

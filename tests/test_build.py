@@ -238,6 +238,24 @@ def test_the_fast_path_runs_where_the_cpu_has_it():
         assert not info["cpu_brgemm"] and info["cpu_brgemm_status"].startswith("off: ")
 
 
+def test_the_fp32_micro_kernel_runs_where_the_bf16_one_does():
+    """The fp32 products (the forward term without autocast, BAT's contraction on AVX512-BF16
+    CPUs) need the bf16 path active and this torch's fp32 brgemm (its CPUBLAS_BRGEMM_F32F32F32
+    marker, every supported torch has it); when its self-test silently failed they would run at
+    aten's fp32 GEMM rate, half as fast."""
+    info = miss_ext.build_info()
+    assert isinstance(info["cpu_brgemm_fp32"], bool)
+    if not info["cpu_brgemm"]:
+        assert not info["cpu_brgemm_fp32"]
+        return
+    import torch.utils.cpp_extension as ext
+
+    header = os.path.join(ext.include_paths()[0], "ATen", "native", "CPUBlas.h")
+    with open(header) as f:
+        declared = "CPUBLAS_BRGEMM_F32F32F32" in f.read()
+    assert info["cpu_brgemm_fp32"] == declared
+
+
 def _brgemm_probe():
     sys.path.insert(0, BACKEND)
     try:

@@ -75,3 +75,46 @@ def test_block_grads_on_bf16_grad_match_float64(n, out_f, r):
     want_s = grad.double() @ block.double().t()
     assert ((gb.double() - want_b).abs().max() / want_b.abs().max()).item() < 2e-6
     assert ((gs.double() - want_s).abs().max() / want_s.abs().max()).item() < 3e-5
+
+
+def _bf16_half_ulp(t: torch.Tensor) -> torch.Tensor:
+    """Half a bf16 unit in the last place of each value of float64 ``t`` (normal range)."""
+    e = torch.floor(torch.log2(t.abs().clamp_min(1e-30)))
+    return torch.exp2(e - 8)
+
+
+@pytest.mark.parametrize("n,out_f,r", [(1, 16, 8), (65, 40, 24), (300, 256, 64), (129, 520, 64), (70, 300, 72),
+                                       (512, 1024, 64)])
+def test_add_product_on_bf16_base_is_rounded_once(n, out_f, r):
+    """miss_add_product (bf16 base, fp32 S and D: the forward of the users' configuration without
+    autocast) on every path: the fp32 micro-kernel where build_info says cpu_brgemm_fp32 (column
+    panels of 256 and their tails, odd row counts), aten's fp32 GEMM elsewhere. The product keeps
+    fp32 accuracy and the sum is rounded to bf16 once: within half a bf16 ulp of the float64 result
+    (plus the fp32 product's own rounding)."""
+    g = torch.Generator().manual_seed(n + out_f + r)
+    base = torch.randn(n, out_f, generator=g).bfloat16()
+    s = torch.randn(n, r, generator=g)
+    block = 0.05 * torch.randn(r, out_f, generator=g)
+    y = torch.ops.miss_ext.miss_add_product(base, s, block)
+    want = base.double() + s.double() @ block.double()
+    fp32_bound = 1e-6 * (s.double().abs() @ block.double().abs())
+    err = (y.double() - want).abs()
+    assert (err <= _bf16_half_ulp(want) * (1 + 1e-6) + fp32_bound).all(), err.max().item()
+
+
+@pytest.mark.parametrize("n,out_f,in_f,r", [(300, 256, 512, 64), (37, 64, 192, 16), (129, 256, 384, 128),
+                                            (64, 96, 160, 32)])
+def test_io_block_grad_in_fp32_matches_float64(n, out_f, in_f, r):
+    """bat_io_block_grad with fp32 accuracy (no autocast) from bf16 G, x and W, on whichever path
+    runs here (one fp32 micro-kernel product on AVX512-BF16 CPUs, three bf16 pieces on AMX, fp32
+    GEMMs elsewhere): r = 16 shares a packed panel between slabs, r = 128 spans two, odd token
+    counts pad K. Against float64 (W + I)^T (G^T x) summed over blocks, to fp32 accuracy."""
+    g = torch.Generator().manual_seed(n + in_f + r)
+    grad = torch.randn(n, out_f, generator=g).bfloat16()
+    x = torch.randn(n, in_f, generator=g).bfloat16()
+    w = (0.05 * torch.randn(out_f, in_f, generator=g)).bfloat16()
+    ours = torch.ops.miss_ext.bat_io_block_grad(grad, x, w, r)
+    gw = grad.double().t() @ x.double()
+    want = torch.ops.miss_ext.bat_block_grad(gw, w.double(), r)
+    assert ours.dtype == torch.float32
+    assert ((ours.double() - want).abs().max() / want.abs().max()).item() < 2e-6

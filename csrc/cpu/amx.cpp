@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <exception>
 #include <string>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <cpuid.h>
@@ -49,6 +50,13 @@ void gemm(int64_t m, const bf16* a, int64_t lda, const Panels& b, int64_t p0, in
 
 void release() { torch_brgemm::release(); }
 
+#ifdef MISS_EXT_HAVE_TORCH_BRGEMM_F32
+void gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+              int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  torch_brgemm::gemm_f32(m, n, k, lda, ldb, ldc, accumulate, a, b, c);
+}
+#endif
+
 #else  // this torch's brgemm did not pass setup.py's probe: available() is false, callers fall back
 
 void gemm(int64_t, const bf16*, int64_t, const Panels&, int64_t, int64_t, float*, int64_t, bool, int64_t) {
@@ -57,6 +65,12 @@ void gemm(int64_t, const bf16*, int64_t, const Panels&, int64_t, int64_t, float*
 
 void release() {}
 
+#endif
+
+#ifndef MISS_EXT_HAVE_TORCH_BRGEMM_F32
+void gemm_f32(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool) {
+  TORCH_CHECK(false, "miss_ext internal: amx::gemm_f32 called in a build without torch's fp32 brgemm");
+}
 #endif
 
 namespace {
@@ -114,7 +128,49 @@ const char* probe() {
 #endif
 }
 
+// An fp32 product with odd sizes (M 7, K 33, N 40: tails everywhere) and strided A and B against
+// a double reference; fp32 rounding only, so a loose relative bound tells right from wrong.
+bool probe_fp32() {
+#ifndef MISS_EXT_HAVE_TORCH_BRGEMM_F32
+  return false;
+#else
+  try {
+    constexpr int64_t M = 7, K = 33, N = 40, lda = 35, ldb = 48, ldc = 44;
+    std::vector<float> a(M * lda), b(K * ldb), c(M * ldc, 0.5f);
+    for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<float>(i % 13) * 0.37f - 2.0f;
+    for (size_t i = 0; i < b.size(); ++i) b[i] = static_cast<float>(i % 11) * 0.29f - 1.3f;
+    for (int pass = 0; pass < 2; ++pass) {  // the second accumulates onto the first
+      gemm_f32(M, N, K, a.data(), lda, b.data(), ldb, c.data(), ldc, pass == 1);
+    }
+    for (int64_t i = 0; i < M; ++i) {
+      for (int64_t n = 0; n < N; ++n) {
+        double want = 0.0;
+        for (int64_t k = 0; k < K; ++k) want += static_cast<double>(a[i * lda + k]) * b[k * ldb + n];
+        if (std::abs(2.0 * want - c[i * ldc + n]) > 1e-4 * (1.0 + std::abs(want))) return false;
+      }
+    }
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+#endif
+}
+
 }  // namespace
+
+bool tiles() {
+#ifdef MISS_EXT_HAVE_TORCH_BRGEMM
+  static const bool result = torch_brgemm::could_pack();
+  return result;
+#else
+  return false;
+#endif
+}
+
+bool fp32_available() {
+  static const bool result = available() && probe_fp32();
+  return result;
+}
 
 const std::string& status() {
   static const std::string result = probe();

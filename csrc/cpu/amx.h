@@ -88,6 +88,22 @@ void gemm(int64_t m, const bf16* a, int64_t lda, const Panels& b, int64_t p0, in
 // Frees the micro-kernel's per-thread hardware state (the AMX tile configuration).
 void release();
 
+// fp32 x fp32 -> fp32 products on the same micro-kernel library (AVX-512 FMA: no bf16 rounding
+// anywhere), B plain row-major, no packing. Why: where bf16 runs on AVX512-BF16 rather than AMX,
+// an fp32 product costs half a bf16 one, not a sixth, so one fp32 product beats two or three
+// bf16 pieces; and it beats aten's fp32 mm at r-wide shapes everywhere (measured on a Zen 5:
+// 200-220 GFLOP/s a core against aten's 80-90). True where available() is, this torch declares
+// the fp32 brgemm and its own self-test passes.
+bool fp32_available();
+
+// Whether the bf16 micro-kernel runs on AMX tiles (then bf16 pieces beat one fp32 product).
+bool tiles();
+
+// C (M x N, row stride ldc) = (or +=, when accumulate) A B, all fp32: A M x K (row stride lda),
+// B K x N (row stride ldb). One thread; only where fp32_available().
+void gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+              int64_t ldb, float* c, int64_t ldc, bool accumulate);
+
 }  // namespace amx
 }  // namespace cpu
 }  // namespace miss_ext

@@ -123,8 +123,9 @@ void transform_fallback(const at::Tensor& weight, const at::Tensor& block, at::T
 //   D_i += A3 Wrows               (3r x r, fp32)
 // where A3[q r + c, (j, a)] = piece_q(Ct[j r + c, a]) (Ct = piece_1 + piece_2 + piece_3 exactly)
 // and Wrows[(j, a), k] = W[i r + a, j r + k], so D_i = sum_j Gw_ij^T W_ij = (dL/dB_i - I-term)^T
-// with fp32 GEMM accuracy (`pieces` = 3; 1 rounds Ct to bf16 for the product, as autocast rounds
-// PEFT's dL/dW'); the I-term sum_j Gw_ij is added from the unrounded Ct directly.
+// with fp32 GEMM accuracy (`pieces` = 3, or, on CPUs without AMX, one fp32 product of Ct's
+// blocks and W widened; 1 rounds Ct to bf16 for the product, as autocast rounds PEFT's dL/dW');
+// the I-term sum_j Gw_ij is added from the unrounded Ct directly.
 // x^T and G are prepared once. Chunks run in order and, within a chunk, slabs in parallel: the
 // chunk of x^T (the A operand of every slab's Ct) stays in cache while all slabs use it, and each
 // slab's sums grow in chunk order, so nothing depends on the thread count.
@@ -158,7 +159,11 @@ void io_block_grad_amx(const at::Tensor& grad, const at::Tensor& x, const at::Te
   const uint16_t* xt = xt_w;
   // Column chunks of whole r-blocks, about 512 columns (a chunk of x^T stays in L2).
   const int64_t chunk = std::min(in, r * std::max<int64_t>(1, 512 / r));
-  const int64_t width = pieces * r;
+  // fp32 accuracy on AVX512-BF16 without AMX: one fp32 product (Ct itself, W widened) costs
+  // half a bf16 one there, so it beats the three pieces (on AMX tiles the pieces win).
+  const bool f32 = pieces == 3 && amx::fp32_available() && !amx::tiles();
+  const int parts = f32 ? 1 : pieces;
+  const int64_t width = parts * r;
   std::vector<float> d(nb * width * r), rowsum_t(nb * r * r, 0.0f);
   const int64_t group_cols = std::lcm(r, amx::kPanel), per_group = group_cols / r;
   const int64_t groups = (nb + per_group - 1) / per_group;
@@ -171,7 +176,8 @@ void io_block_grad_amx(const at::Tensor& grad, const at::Tensor& x, const at::Te
     // columns of it.
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> ct(w * group_cols);
-      std::vector<uint16_t> a3(width * w);
+      std::vector<uint16_t> a3(f32 ? 0 : width * w);
+      std::vector<float> a32(f32 ? r * w : 0), w32(f32 ? w * r : 0);
       amx::Panels pw;
       for (int64_t gi = begin; gi < end; ++gi) {
         const int64_t s0 = gi * per_group, s1 = std::min(nb, s0 + per_group);
@@ -184,6 +190,15 @@ void io_block_grad_amx(const at::Tensor& grad, const at::Tensor& x, const at::Te
           // straight into its place in A3, no element transpose; the same pass adds the I-term,
           // rowsum_t[c, a] += Ct[jj r + c, a] (jj in order, as any thread count sums it).
           float* rs = rowsum_t.data() + i * r * r;
+          if (f32) {
+            // A = Ct's blocks side by side (A[c, jj r + a] = Ct[jj r + c, a]), B = Wrows widened.
+            for (int64_t jj = 0; jj < blocks; ++jj)
+              vec::copy_sum_rows_f32(ctp + jj * r * cols, r, r, cols, a32.data() + jj * r, w, rs, r);
+            for (int64_t a = 0; a < r; ++a)
+              vec::widen_rows_bf16(wp + (i * r + a) * in + c0, blocks, r, r, w32.data() + a * r, r * r);
+            amx::gemm_f32(r, r, w, a32.data(), w, w32.data(), r, d.data() + i * width * r, r, c0 > 0);
+            continue;
+          }
           for (int64_t jj = 0; jj < blocks; ++jj) {
             uint16_t* dst = a3.data() + jj * r;
             vec::split_sum_bf16_rows(ctp + jj * r * cols, r, r, cols, pieces, dst,
@@ -219,7 +234,7 @@ void io_block_grad_amx(const at::Tensor& grad, const at::Tensor& x, const at::Te
       for (int64_t k = 0; k < r; ++k)
         for (int64_t c = 0; c < r; ++c) {
           float v = di[c * r + k];
-          for (int q = 1; q < pieces; ++q) v += di[(q * r + c) * r + k];
+          for (int q = 1; q < parts; ++q) v += di[(q * r + c) * r + k];
           o[k * r + c] = v + rs[c * r + k];
         }
     }

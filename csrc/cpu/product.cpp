@@ -8,7 +8,8 @@
 // chunk of the product and consumes it at once. With bf16 micro-kernels (cpu/amx.h) the backward
 // products use G exactly and the fp32 operand as bf16 pieces: three for S (hi + mid + lo is S
 // exactly, so dL/dD has fp32 GEMM accuracy) and two for D (dL/dS is rounded to the half type by
-// the caller, so 16 bits of D are plenty); otherwise fp32 GEMMs run on converted chunks.
+// the caller, so 16 bits of D are plenty); otherwise fp32 GEMMs run on converted chunks. The
+// forward product (both operands fp32) runs on the fp32 micro-kernel where it is available.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -35,6 +36,7 @@ constexpr int64_t kGradRows = 128;    // rows of G per dL/dS task (fallback)
 constexpr int64_t kAmxGradRows = 64;  // rows of G per dL/dS task (micro-kernels; finer: spreads evenly)
 constexpr int64_t kGradCols = 256;    // columns of dL/dD per fallback task
 constexpr int64_t kTokenBlock = 512;  // reduction length per fallback GEMM call
+constexpr int64_t kF32Panel = 256;    // output columns per fp32 micro-kernel call (measured best)
 
 template <typename F>
 void parallel_tasks(int64_t n_tasks, const F& fn) {
@@ -42,6 +44,31 @@ void parallel_tasks(int64_t n_tasks, const F& fn) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads: never record a graph
     const SequentialBlas sequential_blas;  // products independent of the thread count
     for (int64_t t = begin; t < end; ++t) fn(t);
+  });
+}
+
+// bf16 base, fp32 s and block, on the fp32 micro-kernel: each task's rows in column panels of
+// kF32Panel, the product of a panel added into its bf16 output rows while still in L1/L2.
+void add_product_f32(const at::Tensor& base, const at::Tensor& s, const at::Tensor& block,
+                     at::Tensor& out) {
+  const int64_t n = base.size(0), out_f = base.size(1), r = block.size(0);
+  const uint16_t* bp = reinterpret_cast<const uint16_t*>(base.const_data_ptr<bf16>());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<bf16>());
+  const float* sp = s.const_data_ptr<float>();
+  const float* dp = block.const_data_ptr<float>();
+  at::parallel_for(0, (n + kRowChunk - 1) / kRowChunk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(kRowChunk * kF32Panel);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t0 = task * kRowChunk, rows = std::min(n, t0 + kRowChunk) - t0;
+      for (int64_t c0 = 0; c0 < out_f; c0 += kF32Panel) {
+        const int64_t w = std::min(out_f, c0 + kF32Panel) - c0;
+        amx::gemm_f32(rows, w, r, sp + t0 * r, r, dp + c0, out_f, p.data(), w, false);
+        for (int64_t t = 0; t < rows; ++t) {
+          const int64_t off = (t0 + t) * out_f + c0;
+          vec::add_bf16(bp + off, p.data() + t * w, w, op + off);
+        }
+      }
+    }
   });
 }
 
@@ -177,6 +204,11 @@ void block_grads_amx(const at::Tensor& grad, const at::Tensor& s, const at::Tens
 
 void miss_add_product(const at::Tensor& base, const at::Tensor& s, const at::Tensor& block,
                       at::Tensor& out) {
+  if (base.scalar_type() == at::kBFloat16 && block.scalar_type() == at::kFloat &&
+      amx::fp32_available()) {
+    add_product_f32(base, s, block, out);
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(),
                                   "miss_ext_miss_add_product", [&] {
     if (block.scalar_type() == at::kDouble) {

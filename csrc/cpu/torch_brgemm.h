@@ -29,6 +29,16 @@ inline void gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int6
 
 inline void release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
 
+// fp32 x fp32 -> fp32 with a plain row-major B, where this torch declares it (its own marker);
+// without it the fp32 products keep their bf16-piece and aten paths.
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+#define MISS_EXT_HAVE_TORCH_BRGEMM_F32 1
+inline void gemm_f32(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
+                     bool accumulate, const float* a, const float* b, float* c) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
+}
+#endif
+
 }  // namespace torch_brgemm
 }  // namespace cpu
 }  // namespace miss_ext

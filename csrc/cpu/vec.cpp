@@ -101,6 +101,26 @@ MISS_EXT_MULTIVERSION void split_sum_bf16_rows(const float* f, int64_t rows, int
   }
 }
 
+MISS_EXT_MULTIVERSION void copy_sum_rows_f32(const float* f, int64_t rows, int64_t cols,
+                                             int64_t ldf, float* dst, int64_t ldd, float* sum,
+                                             int64_t lds) {
+  for (int64_t t = 0; t < rows; ++t) {
+    const float* src = f + t * ldf;
+    float* acc = sum + t * lds;
+    float* d = dst + t * ldd;
+    for (int64_t c = 0; c < cols; ++c) {
+      d[c] = src[c];
+      acc[c] += src[c];
+    }
+  }
+}
+
+MISS_EXT_MULTIVERSION void widen_rows_bf16(const uint16_t* src, int64_t rows, int64_t cols,
+                                           int64_t lds, float* dst, int64_t ldd) {
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t c = 0; c < cols; ++c) dst[t * ldd + c] = to_f32(src[t * lds + c]);
+}
+
 MISS_EXT_MULTIVERSION void interleave_bf16(const uint16_t* a, const uint16_t* b, int64_t n,
                                            uint16_t* dst) {
   if (b) {

@@ -38,6 +38,15 @@ void split_sum_bf16_rows(const float* f, int64_t rows, int64_t cols, int64_t ldf
                          uint16_t* p1, uint16_t* p2, uint16_t* p3, int64_t ldp, float* sum,
                          int64_t lds);
 
+// copy_sum_rows_f32: dst row t (at dst + t * ldd) = f row t, and f row t added into sum + t * lds
+// (cols values a row): split_sum_bf16_rows for an fp32 product's operand (no split).
+void copy_sum_rows_f32(const float* f, int64_t rows, int64_t cols, int64_t ldf, float* dst,
+                       int64_t ldd, float* sum, int64_t lds);
+
+// dst[t * ldd + c] = float(src[t * lds + c]) for t < rows, c < cols (exact).
+void widen_rows_bf16(const uint16_t* src, int64_t rows, int64_t cols, int64_t lds, float* dst,
+                     int64_t ldd);
+
 // dst[2k] = a[k], dst[2k + 1] = b[k] (b null: 0), for k < n: a row pair in VNNI order.
 void interleave_bf16(const uint16_t* a, const uint16_t* b, int64_t n, uint16_t* dst);
 
