@@ -90,10 +90,10 @@ void release();
 
 // fp32 x fp32 -> fp32 products on the same micro-kernel library (AVX-512 FMA: no bf16 rounding
 // anywhere), B plain row-major, no packing. Why: where bf16 runs on AVX512-BF16 rather than AMX,
-// an fp32 product costs half a bf16 one, not a sixth, so one fp32 product beats two or three
-// bf16 pieces; and it beats aten's fp32 mm at r-wide shapes everywhere (measured on a Zen 5:
-// 200-220 GFLOP/s a core against aten's 80-90). True where available() is, this torch declares
-// the fp32 brgemm and its own self-test passes.
+// an fp32 product costs twice a bf16 one, not six times, so one fp32 product beats three bf16
+// pieces; and at r-wide shapes it beats aten's fp32 mm (measured on a Zen 5: 200-220 GFLOP/s a
+// core against aten's 80-90; not measured on an AMX machine). True where available() is, this
+// torch declares the fp32 brgemm and its own self-test passes.
 bool fp32_available();
 
 // Whether the bf16 micro-kernel runs on AMX tiles (then bf16 pieces beat one fp32 product).

@@ -160,7 +160,7 @@ void io_block_grad_amx(const at::Tensor& grad, const at::Tensor& x, const at::Te
   // Column chunks of whole r-blocks, about 512 columns (a chunk of x^T stays in L2).
   const int64_t chunk = std::min(in, r * std::max<int64_t>(1, 512 / r));
   // fp32 accuracy on AVX512-BF16 without AMX: one fp32 product (Ct itself, W widened) costs
-  // half a bf16 one there, so it beats the three pieces (on AMX tiles the pieces win).
+  // two bf16 ones there, so it beats the three pieces (on AMX tiles the pieces win).
   const bool f32 = pieces == 3 && amx::fp32_available() && !amx::tiles();
   const int parts = f32 ? 1 : pieces;
   const int64_t width = parts * r;
