@@ -81,14 +81,6 @@ def _parts(case: K.Case, setup) -> Dict[str, Callable[[], object]]:
     return parts
 
 
-def _cpu_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "amx_tile" in line.split() for line in f)
-    except OSError:
-        return False
-
-
 def fp32_units(device="cpu") -> float:
     """What one fp32 product costs in bf16 products of its flops, where an fp32 product can run
     at the bf16 hardware's own fp32 rate: 2 on a CPU whose bf16 runs on AVX512-BF16 vector
@@ -96,9 +88,10 @@ def fp32_units(device="cpu") -> float:
     instruction does twice the multiply-adds of an fp32 FMA; measured 200-220 against 410-450
     GFLOP/s a core on a Zen 5). Elsewhere no such bound (inf): on AMX the bf16 tiles are many
     times the fp32 rate, and aten's fp32 GEMM is timed on its own."""
-    if torch.device(device).type != "cpu" or _cpu_has_amx():
+    if torch.device(device).type != "cpu":
         return float("inf")
-    return 2.0 if miss_ext.build_info().get("cpu_brgemm_fp32") else float("inf")
+    info = miss_ext.build_info()  # the same test the kernels make (csrc/cpu/amx.h)
+    return 2.0 if info["cpu_brgemm_fp32"] and not info["cpu_brgemm_amx"] else float("inf")
 
 
 def product_time(t_fp32: float, flops: float, pieces: int, bf16_rate: float,
@@ -119,18 +112,17 @@ def floor_of(case: K.Case, t: Dict[str, float], fp32_cost: float = float("inf"))
     s = case.shape
     n, fin, fout, r = s.tokens, s.in_features, s.out_features, s.r
     rate = 2.0 * n * fin * fout / t["fl_fwd"]  # flops per ms of the frozen bf16 GEMM
-    units = fp32_cost
     if case.variant == "standard":
         small = 2.0 * n * r * fout
-        fwd = t["fl_fwd"] + _read(t, "x") + product_time(t["fp32_fwd"], small, 6, rate, units) + t["pass_out"]
-        bwd = (t["fl_bwd"] + product_time(t["fp32_ds"], small, 2, rate, units)
-               + product_time(t["fp32_dd"], small, 3, rate, units) + t["pass_in"])
+        fwd = t["fl_fwd"] + _read(t, "x") + product_time(t["fp32_fwd"], small, 6, rate, fp32_cost) + t["pass_out"]
+        bwd = (t["fl_bwd"] + product_time(t["fp32_ds"], small, 2, rate, fp32_cost)
+               + product_time(t["fp32_dd"], small, 3, rate, fp32_cost) + t["pass_in"])
     elif case.variant == "mini":  # the products are N x r x mini_r: negligible
         fwd = t["fl_fwd"] + _read(t, "x") + t["pass_out"]
         bwd = t["fl_bwd"] + _read(t, "g") + t["pass_in"]
     else:  # bat, default mode: W' formed (two pieces) in forward and again in backward
         transform = t["pass_w"] + 2 * (2.0 * fout * fin * r) / rate
-        contraction = min(3, units) * (2.0 * fout * fin * r) / rate  # dL/dB from Gw, three pieces
+        contraction = min(3, fp32_cost) * (2.0 * fout * fin * r) / rate  # dL/dB from Gw, three pieces
         # Gw = G^T x has the forward GEMM's flops: the cheaper of aten's product (slower than the
         # forward GEMM on CPU) and the forward GEMM's rate.
         gw = min(t["gw"], t["fl_fwd"])

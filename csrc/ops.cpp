@@ -62,8 +62,10 @@ pybind11::dict build_info() {
   // and the instruction set the bf16 conversion loops (target_clones) were dispatched to.
   info["cpu_brgemm"] = miss_ext::cpu::amx::available();
   info["cpu_brgemm_status"] = miss_ext::cpu::amx::status();
-  // Its fp32 products (the fp32-block products where no bf16 piece is cheaper).
+  // Its fp32 products (the fp32-block products where no bf16 piece is cheaper), and whether its
+  // bf16 runs on AMX tiles (there bf16 pieces beat any fp32 product).
   info["cpu_brgemm_fp32"] = miss_ext::cpu::amx::fp32_available();
+  info["cpu_brgemm_amx"] = miss_ext::cpu::amx::available() && miss_ext::cpu::amx::tiles();
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
   info["cpu_vector_isa"] = __builtin_cpu_supports("x86-64-v4")   ? "avx512"

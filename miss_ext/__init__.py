@@ -48,7 +48,8 @@ def build_info() -> dict:
     """How the compiled core was built (torch version, OpenMP, CUDA and its archs) and which CPU
     paths run: ``cpu_brgemm`` / ``cpu_brgemm_status`` (torch's bf16 micro-kernel on AMX or
     AVX512-BF16, or why not), ``cpu_brgemm_fp32`` (its fp32 micro-kernel, for the fp32 products
-    no bf16 piece makes cheaper) and ``cpu_vector_isa`` (``avx512``, ``avx2`` or ``portable``)."""
+    no bf16 piece makes cheaper), ``cpu_brgemm_amx`` (its bf16 runs on AMX tiles) and
+    ``cpu_vector_isa`` (``avx512``, ``avx2`` or ``portable``)."""
     return dict(_C.build_info())
 
 

@@ -236,6 +236,9 @@ def test_the_fast_path_runs_where_the_cpu_has_it():
         assert info["cpu_brgemm"], info["cpu_brgemm_status"]
     else:
         assert not info["cpu_brgemm"] and info["cpu_brgemm_status"].startswith("off: ")
+    # AMX tiles only where the CPU has them (then the fp32-product paths stay off).
+    if info["cpu_brgemm_amx"]:
+        assert info["cpu_brgemm"] and {"amx_bf16", "amx_tile"} <= flags
 
 
 def test_the_fp32_micro_kernel_runs_where_the_bf16_one_does():

@@ -38,8 +38,8 @@ void split_sum_bf16_rows(const float* f, int64_t rows, int64_t cols, int64_t ldf
                          uint16_t* p1, uint16_t* p2, uint16_t* p3, int64_t ldp, float* sum,
                          int64_t lds);
 
-// copy_sum_rows_f32: dst row t (at dst + t * ldd) = f row t, and f row t added into sum + t * lds
-// (cols values a row): split_sum_bf16_rows for an fp32 product's operand (no split).
+// dst row t (at dst + t * ldd) = f row t, and f row t added into sum + t * lds (cols values a
+// row): split_sum_bf16_rows for an fp32 product's operand (no split).
 void copy_sum_rows_f32(const float* f, int64_t rows, int64_t cols, int64_t ldf, float* dst,
                        int64_t ldd, float* sum, int64_t lds);
 
