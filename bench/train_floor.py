@@ -1,5 +1,6 @@
 """The model-level floor of a MiSS training step: the frozen model's step plus the work each
-adapted linear layer cannot avoid, measured on this machine right after the rows it sits beside.
+adapted linear layer cannot avoid, timed on this machine in the same rounds as the rows it sits
+beside (one round of its parts after each round of steps: FloorParts).
 
 For one adapted ``nn.Linear`` with N tokens (batch x seq), ``in`` and ``out`` features, block
 size r, the floor of standard MiSS adds to the frozen layer's forward and backward:
@@ -93,20 +94,15 @@ def _parts(n: int, fin: int, fout: int, cfg: TrainConfig, dtype, autocast: bool,
     return parts
 
 
-def _time(fns: Dict[str, Callable], device, warmup: int, repeats: int) -> Dict[str, float]:
-    clock = timing.clock_for(device)
-    times = {k: [] for k in fns}
-    with timing.no_gc():
-        for i in range(warmup + repeats):
-            for k, fn in fns.items():
-                clock.sync()
-                t0 = clock.mark()
-                fn()
-                t1 = clock.mark()
-                clock.sync()
-                if i >= warmup:
-                    times[k].append(clock.elapsed_ms(t0, t1))
-    return {k: timing.median(v) for k, v in times.items()}
+def _time_once(fns: Dict, clock, times: Dict[object, List[float]], record: bool) -> None:
+    for k, fn in fns.items():
+        clock.sync()
+        t0 = clock.mark()
+        fn()
+        t1 = clock.mark()
+        clock.sync()
+        if record:
+            times[k].append(clock.elapsed_ms(t0, t1))
 
 
 def layer_floor_ms(t: Dict[str, float], variant: str, n: int, fin: int, fout: int, cfg: TrainConfig,
@@ -134,8 +130,8 @@ def layer_floor_ms(t: Dict[str, float], variant: str, n: int, fin: int, fout: in
     return out
 
 
-def optimizer_ms(cfg: TrainConfig, targets: str, variant: str, device, warmup: int, repeats: int) -> float:
-    """Clipping (if the run clips) and one AdamW step over the variant's fp32 blocks (ms)."""
+def optimizer_step(cfg: TrainConfig, targets: str, variant: str, device) -> Callable[[], None]:
+    """Clipping (if the run clips) and one AdamW step over the variant's fp32 blocks."""
     g = torch.Generator().manual_seed(cfg.seed)
     params = []
     for (fin, fout), count in layer_shapes(cfg, targets).items():
@@ -151,35 +147,70 @@ def optimizer_ms(cfg: TrainConfig, targets: str, variant: str, device, warmup: i
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
 
-    return _time({"opt": step}, device, warmup, repeats)["opt"]
+    return step
+
+
+class FloorParts:
+    """The parts of one configuration's floor, timed a round at a time: run_preset_case calls
+    ``round()`` after each round of its rows, so the parts see the machine as the rows do. Timed
+    on their own after the rows instead, BAT's ``G^T x`` read 68 ms in one configuration and
+    91-103 ms in the next (the same tensors, a Zen 4 EPYC, two runs), putting the floor above
+    every measured row."""
+
+    def __init__(self, cfg: TrainConfig, targets: str, dtype, device="cpu", variants=FLOOR_VARIANTS):
+        self.cfg, self.targets, self.dtype, self.device, self.variants = cfg, targets, dtype, device, variants
+        self.n = cfg.batch * cfg.seq
+        self.shapes = layer_shapes(cfg, targets)
+        self.fns: Dict[object, Callable] = {}
+        for shape in self.shapes:
+            for k, fn in _parts(self.n, *shape, cfg, dtype, cfg.autocast, device).items():
+                self.fns[(shape, k)] = fn
+        for v in variants:
+            self.fns[("optimizer", v)] = optimizer_step(cfg, targets, v, device)
+        self.clock = timing.clock_for(device)
+        self.times: Dict[object, List[float]] = {k: [] for k in self.fns}
+
+    def round(self, record: bool = True) -> None:
+        """Every part once (``record``: keep the times; False for warm-up rounds). The caller
+        holds timing.no_gc(), as run_preset_case does around its rounds."""
+        _time_once(self.fns, self.clock, self.times, record)
+
+    def rows(self, frozen_ms: float) -> List[Dict]:
+        """One row per variant: ``frozen_ms`` (the frozen step of the run beside it) plus the
+        median of every part over the recorded rounds, summed over the adapted layers."""
+        cfg, n = self.cfg, self.n
+        med = {k: timing.median(v) for k, v in self.times.items()}
+        units = fp32_units(self.device)
+        totals: Dict[str, Counter] = {v: Counter() for v in self.variants}
+        for (fin, fout), count in self.shapes.items():
+            t = {k: ms for (shape, k), ms in med.items() if shape == (fin, fout)}
+            for v in self.variants:
+                for k, ms in layer_floor_ms(t, v, n, fin, fout, cfg, cfg.autocast, units).items():
+                    totals[v][k] += count * ms
+        for v in self.variants:
+            totals[v]["optimizer"] = med[("optimizer", v)]
+        rows = []
+        for v in self.variants:
+            extra = sum(totals[v].values())
+            step = frozen_ms + extra
+            rows.append({
+                "targets": self.targets, "dtype": str(self.dtype).replace("torch.", ""), "autocast": cfg.autocast,
+                "impl": "floor", "variant": v, "method": "floor", "r": cfg.r,
+                "mini_r": cfg.mini_r if v == "mini" else "", "batch": cfg.batch, "seq": cfg.seq,
+                "step_ms": step, "floor_extra_ms": extra,
+                "floor_parts_ms": " ".join(f"{k}={ms:.3g}" for k, ms in totals[v].items()),
+                "x_frozen": step / frozen_ms if frozen_ms > 0 else math.nan,
+                "tokens_per_s": n / (step / 1e3) if step > 0 else math.nan,
+            })
+        return rows
 
 
 def floor_rows(cfg: TrainConfig, targets: str, dtype, frozen_ms: float, device="cpu", variants=FLOOR_VARIANTS,
-               warmup: int = 2, repeats: int = 5) -> List[Dict]:
-    """One row per variant: the frozen step ``frozen_ms`` plus the parts of every adapted layer
-    (``cfg.autocast`` picks the products' precision). ``frozen_ms`` comes from the run beside it."""
-    n = cfg.batch * cfg.seq
-    units = fp32_units(device)
-    totals: Dict[str, Counter] = {v: Counter() for v in variants}
-    for (fin, fout), count in layer_shapes(cfg, targets).items():
-        t = _time(_parts(n, fin, fout, cfg, dtype, cfg.autocast, device), device, warmup, repeats)
-        for v in variants:
-            for k, ms in layer_floor_ms(t, v, n, fin, fout, cfg, cfg.autocast, units).items():
-                totals[v][k] += count * ms
-    for v in variants:
-        totals[v]["optimizer"] = optimizer_ms(cfg, targets, v, device, warmup, repeats)
-    rows = []
-    for v in variants:
-        extra = sum(totals[v].values())
-        step = frozen_ms + extra
-        rows.append({
-            "targets": targets, "dtype": str(dtype).replace("torch.", ""), "autocast": cfg.autocast,
-            "impl": "floor", "variant": v, "method": "floor", "r": cfg.r,
-            "mini_r": cfg.mini_r if v == "mini" else "", "batch": cfg.batch, "seq": cfg.seq,
-            "step_ms": step, "floor_extra_ms": extra,
-            "floor_parts_ms": " ".join(f"{k}={ms:.3g}" for k, ms in totals[v].items()),
-            "x_frozen": step / frozen_ms if frozen_ms > 0 else math.nan,
-            "tokens_per_s": n / (step / 1e3) if step > 0 else math.nan,
-        })
-    return rows
-
+               warmup: int = 3, repeats: int = 15) -> List[Dict]:
+    """FloorParts' rows with the parts timed on their own (``warmup`` + ``repeats`` rounds), for
+    a floor without the rows beside it."""
+    parts = FloorParts(cfg, targets, dtype, device, variants)
+    with timing.no_gc():
+        for i in range(warmup + repeats):
+            parts.round(record=i >= warmup)
+    return parts.rows(frozen_ms)

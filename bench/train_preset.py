@@ -32,7 +32,8 @@ Rows (one training run each, all from the same initial weights, on the same batc
 * ``lora``: PEFT's LoRA (r=32, lora_alpha=64) on the same targets, the method users pick instead.
 
 After each configuration's rows, :mod:`bench.train_floor` adds the floor rows for standard,
-mini and BAT MiSS (the frozen step plus the work no implementation can avoid).
+mini and BAT MiSS (the frozen step plus the work no implementation can avoid), its parts timed
+in the same rounds as the rows.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from .cases import INIT_WEIGHTS, dtype_str
 from .progress import progress_bar
 from .train_bench import PEFT_PREFIX, TARGETS, TrainConfig, build_llama, make_batches, optimizer, saved_bytes, \
     train_step
-from .train_floor import FLOOR_VARIANTS, floor_rows
+from .train_floor import FLOOR_VARIANTS, FloorParts
 
 IMPLS = ("peft", "inject", "patch")  # the implementations of MiSS a preset can run, in table order
 
@@ -249,7 +250,9 @@ def build_contestants(cfg: TrainConfig, preset: Preset, rows: List[Entry], dtype
 
 
 def run_preset_case(cfg: TrainConfig, preset: Preset, rows: List[Entry], dtype, targets: str, device,
-                    bar=None) -> List[Dict]:
+                    bar=None, floor: Optional[FloorParts] = None) -> List[Dict]:
+    """The rows' steps, interleaved round-robin; ``floor``'s parts take one round after each
+    round of steps."""
     if mp.is_patched():
         raise RuntimeError("miss_ext.peft is patched globally; the PEFT rows must run PEFT's own code. "
                            "Call miss_ext.peft.unpatch() first")
@@ -277,6 +280,8 @@ def run_preset_case(cfg: TrainConfig, preset: Preset, rows: List[Entry], dtype, 
                 if step >= cfg.warmup or cfg.steps <= cfg.warmup:
                     c.times.append(clock.elapsed_ms(t0, t1))
                     c.peaks.append(peak["peak_bytes"])
+            if floor is not None:
+                floor.round(record=step >= cfg.warmup or cfg.steps <= cfg.warmup)
             if bar is not None:
                 bar.update(1)
     if torch.device(device).type == "cpu":
@@ -336,11 +341,10 @@ def summarize(contestants: List[Contestant], saved: Dict[str, int], cfg: TrainCo
 
 
 def run_preset(cfg: TrainConfig, preset: Preset, dtypes, targets, variants, device="cpu", lora: bool = True,
-               progress: bool = True, autocast=(False,), impls=IMPLS, floor: bool = True,
-               floor_repeats: int = 5) -> List[Dict]:
+               progress: bool = True, autocast=(False,), impls=IMPLS, floor: bool = True) -> List[Dict]:
     """Every row for each (dtype, targets, autocast), in that order; each configuration's rows
     (``entries``) run interleaved, followed by its floor rows (standard, mini, bat, when ``floor``
-    and those variants run) measured right after them."""
+    and those variants run), its parts timed in the same rounds."""
     rows = entries(variants, lora, impls)
     combos = [(d, t, a) for d in dtypes for t in targets for a in autocast]
     bar = progress_bar(len(combos) * cfg.steps, f"train {preset.name}", "round", progress)
@@ -351,11 +355,11 @@ def run_preset(cfg: TrainConfig, preset: Preset, dtypes, targets, variants, devi
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
             for d, t, a in combos:
                 c = dataclasses.replace(cfg, autocast=a)
-                case = run_preset_case(c, preset, rows, d, t, device, bar)
+                parts = FloorParts(c, t, d, device, floor_variants) if floor_variants else None
+                case = run_preset_case(c, preset, rows, d, t, device, bar, parts)
                 out += case
-                if floor_variants:
-                    fl = floor_rows(c, t, d, case[0]["step_ms"], device, floor_variants, repeats=floor_repeats)
-                    out += [{"preset": preset.name, **r} for r in fl]
+                if parts is not None:
+                    out += [{"preset": preset.name, **r} for r in parts.rows(case[0]["step_ms"])]
     finally:
         if bar is not None:
             bar.close()

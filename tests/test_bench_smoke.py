@@ -354,6 +354,27 @@ def test_train_floor_rows_count_the_optimizer():
         assert row["floor_extra_ms"] == pytest.approx(sum(float(v) for v in parts.values()), rel=1e-2)
 
 
+def test_floor_parts_take_a_round_after_each_round_of_steps():
+    """run_preset_case times the floor's parts in its own rounds (one sample of every part per
+    timed round, none in the warm-up rounds), so they meet the machine as the rows do."""
+    from bench.train_bench import TrainConfig
+    from bench.train_floor import FloorParts
+    from bench.train_preset import PRESETS, entries, run_preset_case
+
+    cfg = TrainConfig(layers=1, hidden=32, intermediate=48, heads=2, vocab=64, seq=8, batch=1, r=4, mini_r=4,
+                      steps=4, warmup=1)
+    parts = FloorParts(cfg, "qv", torch.bfloat16, "cpu", ("standard", "bat"))
+    assert all(not t for t in parts.times.values())
+    rows = run_preset_case(cfg, PRESETS["step"], entries(("standard",), lora=False, impls=("inject",)),
+                           torch.bfloat16, "qv", "cpu", floor=parts)
+    assert {len(t) for t in parts.times.values()} == {cfg.steps - cfg.warmup}
+    assert ("optimizer", "bat") in parts.times and ((32, 32), "bat_gw") in parts.times
+    frozen = next(r for r in rows if r["impl"] == "frozen")
+    floor = parts.rows(frozen["step_ms"])
+    assert [r["variant"] for r in floor] == ["standard", "bat"]
+    assert all(r["step_ms"] > frozen["step_ms"] for r in floor)
+
+
 def test_bench_imports_no_cycle():
     """No bench module imports the command line back, and bench's own modules are imported at
     the top of a file, never inside a function (issue 18)."""

@@ -164,7 +164,8 @@ void io_block_grad_amx(const at::Tensor& grad, const at::Tensor& x, const at::Te
   const bool f32 = pieces == 3 && amx::fp32_available() && !amx::tiles();
   const int parts = f32 ? 1 : pieces;
   const int64_t width = parts * r;
-  std::vector<float> d(nb * width * r), rowsum_t(nb * r * r, 0.0f);
+  Scratch<float> d(nb * width * r);  // every slab's rows written by chunk 0's product
+  std::vector<float> rowsum_t(nb * r * r, 0.0f);
   const int64_t group_cols = std::lcm(r, amx::kPanel), per_group = group_cols / r;
   const int64_t groups = (nb + per_group - 1) / per_group;
 
@@ -175,9 +176,8 @@ void io_block_grad_amx(const at::Tensor& grad, const at::Tensor& x, const at::Te
     // r = 64), so the product for a panel is made once and each slab of the group reads its r
     // columns of it.
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> ct(w * group_cols);
-      std::vector<uint16_t> a3(f32 ? 0 : width * w);
-      std::vector<float> a32(f32 ? r * w : 0), w32(f32 ? w * r : 0);
+      Scratch<float> ct(w * group_cols), a32(f32 ? r * w : 0), w32(f32 ? w * r : 0);
+      Scratch<uint16_t> a3(f32 ? 0 : width * w);
       amx::Panels pw;
       for (int64_t gi = begin; gi < end; ++gi) {
         const int64_t s0 = gi * per_group, s1 = std::min(nb, s0 + per_group);

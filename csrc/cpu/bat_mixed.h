@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu/amx.h"
+#include "cpu/workspace.h"
 
 namespace miss_ext {
 namespace cpu {
@@ -39,8 +40,8 @@ class SlabTransform {
   int64_t r_, in_;
   int pieces_;
   int64_t slab_ = -1;
-  std::vector<uint16_t> parts_;
-  std::vector<float> prod_;
+  Scratch<uint16_t> parts_;
+  Scratch<float> prod_;
   amx::Panels packed_[3];
 };
 

@@ -24,6 +24,7 @@
 #include "cpu/convert.h"
 #include "cpu/tasks.h"
 #include "cpu/vec.h"
+#include "cpu/workspace.h"
 
 namespace miss_ext {
 namespace cpu {
@@ -57,7 +58,7 @@ void add_product_f32(const at::Tensor& base, const at::Tensor& s, const at::Tens
   const float* sp = s.const_data_ptr<float>();
   const float* dp = block.const_data_ptr<float>();
   at::parallel_for(0, (n + kRowChunk - 1) / kRowChunk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(kRowChunk * kF32Panel);
+    Scratch<float> p(kRowChunk * kF32Panel);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t0 = task * kRowChunk, rows = std::min(n, t0 + kRowChunk) - t0;
       for (int64_t c0 = 0; c0 < out_f; c0 += kF32Panel) {
@@ -154,7 +155,7 @@ void block_grads_amx(const at::Tensor& grad, const at::Tensor& s, const at::Tens
   amx::Panels pg(n, out_f);      // dL/dD's B operand, G (row pairs in VNNI order)
   const int64_t kp = amx::padded_k(n);
   std::vector<uint16_t> a(3 * r * kp, 0);  // dL/dD's A operand, the pieces of S^T (zero pad column)
-  std::vector<uint16_t> pieces(3 * n * r);
+  Scratch<uint16_t> pieces(3 * n * r);
 
   // Phase 1: D's pieces packed (row pairs of out), G packed (row pairs of tokens), S split and
   // transposed (one task: N x r is small).

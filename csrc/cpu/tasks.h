@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cpu/amx.h"
+#include "cpu/workspace.h"
 
 namespace miss_ext {
 namespace cpu {
@@ -47,7 +48,7 @@ template <typename F>
 void run_tasks(const std::vector<Task>& tasks, int64_t scratch_floats, const F& fn) {
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads: never record a graph
-    std::vector<float> scratch(scratch_floats);
+    Scratch<float> scratch(scratch_floats);
     for (int64_t t = begin; t < end; ++t) fn(tasks[t], scratch.data());
     amx::release();
   });
