@@ -94,17 +94,6 @@ def _parts(n: int, fin: int, fout: int, cfg: TrainConfig, dtype, autocast: bool,
     return parts
 
 
-def _time_once(fns: Dict, clock, times: Dict[object, List[float]], record: bool) -> None:
-    for k, fn in fns.items():
-        clock.sync()
-        t0 = clock.mark()
-        fn()
-        t1 = clock.mark()
-        clock.sync()
-        if record:
-            times[k].append(clock.elapsed_ms(t0, t1))
-
-
 def layer_floor_ms(t: Dict[str, float], variant: str, n: int, fin: int, fout: int, cfg: TrainConfig,
                    autocast: bool, fp32_cost: float = float("inf")) -> Dict[str, float]:
     """The floor's parts (ms) for one layer from the part medians ``t``; ``fp32_cost``: an fp32
@@ -173,7 +162,14 @@ class FloorParts:
     def round(self, record: bool = True) -> None:
         """Every part once (``record``: keep the times; False for warm-up rounds). The caller
         holds timing.no_gc(), as run_preset_case does around its rounds."""
-        _time_once(self.fns, self.clock, self.times, record)
+        for k, fn in self.fns.items():
+            self.clock.sync()
+            t0 = self.clock.mark()
+            fn()
+            t1 = self.clock.mark()
+            self.clock.sync()
+            if record:
+                self.times[k].append(self.clock.elapsed_ms(t0, t1))
 
     def rows(self, frozen_ms: float) -> List[Dict]:
         """One row per variant: ``frozen_ms`` (the frozen step of the run beside it) plus the
