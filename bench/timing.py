@@ -99,6 +99,17 @@ def no_gc():
             gc.enable()
 
 
+def timed(clock, fn: Callable[[], object]):
+    """``(fn(), ms)``: one call, synchronized before and after (a CUDA clock's events are read
+    only once the device has reached them)."""
+    clock.sync()
+    t0 = clock.mark()
+    out = fn()
+    t1 = clock.mark()
+    clock.sync()
+    return out, clock.elapsed_ms(t0, t1)
+
+
 def run_interleaved(contestants: List[Contestant], clock, warmup: int, repeats: int,
                     progress: Callable[[], None] | None = None) -> Dict[str, Samples]:
     """Round-robin ``warmup + repeats`` rounds; returns the timed samples (ms) per contestant."""

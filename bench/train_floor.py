@@ -163,13 +163,9 @@ class FloorParts:
         """Every part once (``record``: keep the times; False for warm-up rounds). The caller
         holds timing.no_gc(), as run_preset_case does around its rounds."""
         for k, fn in self.fns.items():
-            self.clock.sync()
-            t0 = self.clock.mark()
-            fn()
-            t1 = self.clock.mark()
-            self.clock.sync()
+            _, ms = timing.timed(self.clock, fn)
             if record:
-                self.times[k].append(self.clock.elapsed_ms(t0, t1))
+                self.times[k].append(ms)
 
     def rows(self, frozen_ms: float) -> List[Dict]:
         """One row per variant: ``frozen_ms`` (the frozen step of the run beside it) plus the

@@ -267,21 +267,21 @@ def run_preset_case(cfg: TrainConfig, preset: Preset, rows: List[Entry], dtype, 
     with timing.no_gc():
         for step in range(cfg.steps):
             ids = batches[step % len(batches)]
+            timed_round = step >= cfg.warmup or cfg.steps <= cfg.warmup
             # The order rotates each round, so no row always runs right after the same neighbour.
             for c in contestants[step % n:] + contestants[:step % n]:
-                with memory.cuda_peak(device) as peak:
-                    clock.sync()
-                    t0 = clock.mark()
+                def one_step(c=c, ids=ids):
                     with c.context():
-                        loss = train_step(c.model, ids, c.opt, c.params, cfg)
-                    t1 = clock.mark()
-                    clock.sync()
+                        return train_step(c.model, ids, c.opt, c.params, cfg)
+
+                with memory.cuda_peak(device) as peak:
+                    loss, ms = timing.timed(clock, one_step)
                 c.losses.append(float(loss.detach().float().item()))
-                if step >= cfg.warmup or cfg.steps <= cfg.warmup:
-                    c.times.append(clock.elapsed_ms(t0, t1))
+                if timed_round:
+                    c.times.append(ms)
                     c.peaks.append(peak["peak_bytes"])
             if floor is not None:
-                floor.round(record=step >= cfg.warmup or cfg.steps <= cfg.warmup)
+                floor.round(record=timed_round)
             if bar is not None:
                 bar.update(1)
     if torch.device(device).type == "cpu":

@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
-#include <vector>
 
 #include "cpu/amx.h"
 #include "cpu/workspace.h"
