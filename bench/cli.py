@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import warnings
 from typing import List, Tuple
 
 import miss_ext
@@ -15,9 +17,10 @@ from .floor import run_floor
 from .layer_bench import run_suite
 from .outputs import csv_list, output_paths
 from .profile import profile_case
+from .step_profile import profile_step
 from .serving_bench import run_serve
 from .train_bench import ADAMW, TRAIN_DEFAULTS, TrainConfig
-from .train_preset import DEFAULT_PRESET, IMPLS, PRESETS, run_preset
+from .train_preset import DEFAULT_PRESET, IMPLS, PRESETS, entries, run_preset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("mode", nargs="?", default="layer", choices=("layer", "train", "profile", "serve", "floor"),
                    help="layer (default): the one-layer suite; train: the training benchmark; profile: "
-                   "per-operator torch.profiler breakdown of the layer cases (floor, peft, ours); serve: "
+                   "per-operator torch.profiler breakdown of the layer cases (floor, peft, ours), or with "
+                   "--preset of a training step (frozen, peft, ours; --repeats steps); serve: "
                    "mixed-adapter batches (bench/serving_bench.py); floor: the cost model's floor for the layer "
                    "cases from parts measured here, beside miss_ext's ratio (bench/floor.py)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
@@ -245,7 +249,35 @@ def run_train(args) -> Tuple[int, List[dict]]:
     return (0 if all(r.get("loss_ok") is not False for r in rows) else 1), rows
 
 
+def run_step_profile(args) -> Tuple[int, List[dict]]:
+    """``profile --preset P``: one table per (dtype, targets, autocast) of the preset."""
+    preset = PRESETS[args.preset]
+    dtypes = _train_dtypes(args, preset.dtype)
+    targets = _choices("--targets", args.targets or preset.targets, ("all", "qv"))
+    autocast = [a == "on" for a in _choices("--autocast", args.autocast or preset.autocast, ("off", "on"))]
+    impls = _choices("--impls", args.impls or preset.impls, IMPLS)
+    cfg = train_config(args, preset)
+    rows = entries(csv_list(args.variants), lora=False, impls=impls)
+    steps = args.repeats if args.repeats is not None else 3
+    warmup = args.train_warmup if args.train_warmup is not None else 2
+    if steps < 1 or warmup < 0:
+        raise SystemExit("profile --preset: --repeats must be at least 1 and --train-warmup at least 0")
+    meta = env.collect(args.device)
+    print(f"# miss_ext step profile, preset {preset.name}: device={meta['device_name']} torch={meta['torch']} "
+          f"threads={meta['threads']} commit={meta['git_commit']} peft={meta['peft']} {cfg.describe()}", flush=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+        for d in dtypes:
+            for t in targets:
+                for a in autocast:
+                    print(profile_step(dataclasses.replace(cfg, autocast=a), preset, rows, d, t, args.device,
+                                       steps, warmup), flush=True)
+    return 0, []
+
+
 def run_profile(args) -> Tuple[int, List[dict]]:
+    if args.preset:
+        return run_step_profile(args)
     suite = K.SUITES[args.suite]
     shapes = _shapes(args, suite)
     dtypes = _dtype_specs(args, suite.dtypes)
@@ -263,9 +295,11 @@ def run(argv=None) -> Tuple[int, List[dict]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     _check_device(args.device)
-    if args.mode != "train" and (args.preset or args.autocast or args.impls):
+    if args.mode not in ("train", "profile") and (args.preset or args.autocast or args.impls):
         raise SystemExit("--preset, --autocast and --impls belong to the train mode: "
-                         "python -m bench train --preset ...")
+                         "python -m bench train --preset ... (or profile --preset ...)")
+    if args.mode == "profile" and not args.preset and (args.autocast or args.impls):
+        raise SystemExit("--autocast and --impls profile a training step: python -m bench profile --preset step ...")
     if args.mode == "train":
         return run_train(args)
     if args.mode == "profile":

@@ -11,12 +11,12 @@
 #      kernels is left to CI),
 #   4. the benchmarks, model level first: python -m bench train --device cuda (the training
 #      step x the frozen model's, bf16 Llama with fp32 blocks, all-linear and q/v, autocast off
-#      and on), the per-call overhead (python -m bench.overhead_bench --device cuda), then
+#      and on), its per-operator profile (python -m bench profile --preset step), the per-call overhead (python -m bench.overhead_bench --device cuda), then
 #      python -m bench --device cuda and --suite llm in bfloat16 (a failure there
 #      is reported, not fatal).
 # Everything goes to $OUT when it is set, else to bench/results/gpu_check/: build.log,
 # info.log, parity.log, parity.xml (JUnit), tests.log, tests.xml (JUnit), bench.log/.csv/.png (the default table),
-# train_step.log/.csv (the model-level step table), overhead.log (per-call overhead), bench_llm.log/.csv (the LLM-shape table), summary.txt (one line per step). Each step has a
+# train_step.log/.csv (the model-level step table), step_profile.log (its operators), overhead.log (per-call overhead), bench_llm.log/.csv (the LLM-shape table), summary.txt (one line per step). Each step has a
 # timeout and the whole run stays under 8 minutes. Exit status: non-zero when the build, the
 # parity sweep or the tests fail.
 #
@@ -118,6 +118,12 @@ run_step "pytest -k cuda" 180 "$LOGS/tests.log" \
 train_args=(train --device cuda --steps 8 --train-warmup 3 --no-progress --csv "$LOGS/train_step.csv")
 if ! run_step "bench train step" 90 "$LOGS/train_step.log" "$PY" -m bench "${train_args[@]}"; then
   log "the model-level step table did not complete; see $LOGS/train_step.log (not counted as a failure)"
+fi
+# Where the step's time goes, per operator (device self time): frozen, PEFT's and ours, standard
+# and BAT, all-linear under autocast (HF Trainer's bf16=True), 3 steps after 2.
+prof_args=(profile --preset step --device cuda --targets all --autocast on --variants standard,bat --repeats 3 --train-warmup 2)
+if ! run_step "bench step profile" 45 "$LOGS/step_profile.log" "$PY" -m bench "${prof_args[@]}"; then
+  log "the step profile did not complete; see $LOGS/step_profile.log (not counted as a failure)"
 fi
 # Per-call overhead (a tiny layer: the host's Python and dispatch work per adapted layer, what a
 # small model's GPU step waits on): frozen, PEFT, patch, ours, ours on the registered autograd.

@@ -375,6 +375,41 @@ def test_floor_parts_take_a_round_after_each_round_of_steps():
     assert all(r["step_ms"] > frozen["step_ms"] for r in floor)
 
 
+def test_step_profile_puts_each_operator_in_its_rows_column():
+    """profile --preset: miss_ext's operators show up in our row only, the frozen model's step
+    has no adapter operator, and the table's total is the sum of its column."""
+    from bench.step_profile import op_times, step_table
+    from bench.train_bench import TrainConfig, make_batches
+    from bench.train_preset import PRESETS, build_contestants, entries
+
+    cfg = TrainConfig(layers=1, hidden=32, intermediate=48, heads=2, vocab=64, seq=8, batch=1, r=4, mini_r=4)
+    cs = build_contestants(cfg, PRESETS["step"], entries(("standard",), lora=False, impls=("peft", "inject")),
+                           torch.bfloat16, "all", "cpu")
+    batches = make_batches(cfg, "cpu")
+    cols = {c.entry.impl: op_times(c, batches, cfg, "cpu", steps=2, warmup=1) for c in cs}
+    assert set(cols) == {"frozen", "peft", "inject"}
+    ours = {k for k in cols["inject"] if k.startswith("miss_ext::")}
+    assert {"miss_ext::miss_linear", "miss_ext::miss_block_grads"} <= ours
+    for impl in ("frozen", "peft"):
+        assert not any(k.startswith("miss_ext::") for k in cols[impl]), impl
+    assert not any("Optimizer" in k for k in cols["frozen"]) and any("Optimizer" in k for k in cols["inject"])
+    lines = step_table({"a": {"x": 1.0, "y": 2.0, "z": 0.5}, "b": {"x": 4.0}}, top=1)
+    assert lines[2].split("|")[1].split() == ["3.50", "4.00"]  # the total
+    assert lines[3].split("|")[0].strip() == "x" and lines[4].split("|")[1].split() == ["2.50", "0.00"]
+
+
+def test_step_profile_cli(capsys):
+    rc = cli.main(["profile", "--preset", "step", *TINY, "--targets", "qv", "--autocast", "on", "--variants", "bat",
+                   "--impls", "inject", "--repeats", "1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "## step profile: bfloat16, targets qv, autocast on" in out
+    head = next(line for line in out.splitlines() if line.startswith("operator"))
+    assert head.split("|")[1].split() == ["frozen", "inject", "bat", "inject", "bat-promote"]
+    with pytest.raises(SystemExit):
+        cli.main(["profile", "--autocast", "on"])
+
+
 def test_bench_imports_no_cycle():
     """No bench module imports the command line back, and bench's own modules are imported at
     the top of a file, never inside a function (issue 18)."""
