@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import warnings
 from typing import List, Tuple
 
 import miss_ext
@@ -17,10 +15,10 @@ from .floor import run_floor
 from .layer_bench import run_suite
 from .outputs import csv_list, output_paths
 from .profile import profile_case
-from .step_profile import profile_step
 from .serving_bench import run_serve
+from .step_profile import profile_step
 from .train_bench import ADAMW, TRAIN_DEFAULTS, TrainConfig
-from .train_preset import DEFAULT_PRESET, IMPLS, PRESETS, entries, run_preset
+from .train_preset import DEFAULT_PRESET, IMPLS, PRESETS, configurations, entries, quiet_transformers, run_preset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,13 +202,19 @@ def _train_dtypes(args, default: str) -> list:
     return [sp.base for sp in specs]
 
 
-def run_train(args) -> Tuple[int, List[dict]]:
+def _preset_plan(args):
+    """(preset, dtypes, targets, autocast modes, implementations, TrainConfig) of a train or
+    profile --preset run: the preset's values, then the flags given."""
     preset = PRESETS[args.preset or DEFAULT_PRESET]
     dtypes = _train_dtypes(args, preset.dtype)
     targets = _choices("--targets", args.targets or preset.targets, ("all", "qv"))
     autocast = [a == "on" for a in _choices("--autocast", args.autocast or preset.autocast, ("off", "on"))]
     impls = _choices("--impls", args.impls or preset.impls, IMPLS)
-    cfg = train_config(args, preset)
+    return preset, dtypes, targets, autocast, impls, train_config(args, preset)
+
+
+def run_train(args) -> Tuple[int, List[dict]]:
+    preset, dtypes, targets, autocast, impls, cfg = _preset_plan(args)
     meta = env.collect(args.device)
     meta.update(preset=preset.name, train_config=cfg.describe())
     print(f"# miss_ext train bench, preset {preset.name}: {preset.about}", flush=True)
@@ -251,12 +255,7 @@ def run_train(args) -> Tuple[int, List[dict]]:
 
 def run_step_profile(args) -> Tuple[int, List[dict]]:
     """``profile --preset P``: one table per (dtype, targets, autocast) of the preset."""
-    preset = PRESETS[args.preset]
-    dtypes = _train_dtypes(args, preset.dtype)
-    targets = _choices("--targets", args.targets or preset.targets, ("all", "qv"))
-    autocast = [a == "on" for a in _choices("--autocast", args.autocast or preset.autocast, ("off", "on"))]
-    impls = _choices("--impls", args.impls or preset.impls, IMPLS)
-    cfg = train_config(args, preset)
+    preset, dtypes, targets, autocast, impls, cfg = _preset_plan(args)
     rows = entries(csv_list(args.variants), lora=False, impls=impls)
     steps = args.repeats if args.repeats is not None else 3
     warmup = args.train_warmup if args.train_warmup is not None else 2
@@ -265,13 +264,9 @@ def run_step_profile(args) -> Tuple[int, List[dict]]:
     meta = env.collect(args.device)
     print(f"# miss_ext step profile, preset {preset.name}: device={meta['device_name']} torch={meta['torch']} "
           f"threads={meta['threads']} commit={meta['git_commit']} peft={meta['peft']} {cfg.describe()}", flush=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
-        for d in dtypes:
-            for t in targets:
-                for a in autocast:
-                    print(profile_step(dataclasses.replace(cfg, autocast=a), preset, rows, d, t, args.device,
-                                       steps, warmup), flush=True)
+    with quiet_transformers():
+        for d, t, c in configurations(cfg, dtypes, targets, autocast):
+            print(profile_step(c, preset, rows, d, t, args.device, steps, warmup), flush=True)
     return 0, []
 
 

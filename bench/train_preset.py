@@ -340,21 +340,32 @@ def summarize(contestants: List[Contestant], saved: Dict[str, int], cfg: TrainCo
     return out
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' FutureWarnings (its deprecations) kept out of a bench's output."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+        yield
+
+
+def configurations(cfg: TrainConfig, dtypes, targets, autocast) -> List[tuple]:
+    """(dtype, targets, ``cfg`` with that autocast) for every configuration, in table order."""
+    return [(d, t, dataclasses.replace(cfg, autocast=a)) for d in dtypes for t in targets for a in autocast]
+
+
 def run_preset(cfg: TrainConfig, preset: Preset, dtypes, targets, variants, device="cpu", lora: bool = True,
                progress: bool = True, autocast=(False,), impls=IMPLS, floor: bool = True) -> List[Dict]:
     """Every row for each (dtype, targets, autocast), in that order; each configuration's rows
     (``entries``) run interleaved, followed by its floor rows (standard, mini, bat, when ``floor``
     and those variants run), its parts timed in the same rounds."""
     rows = entries(variants, lora, impls)
-    combos = [(d, t, a) for d in dtypes for t in targets for a in autocast]
+    combos = configurations(cfg, dtypes, targets, autocast)
     bar = progress_bar(len(combos) * cfg.steps, f"train {preset.name}", "round", progress)
     floor_variants = [v for v in FLOOR_VARIANTS if v in variants] if floor else []
     out = []
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
-            for d, t, a in combos:
-                c = dataclasses.replace(cfg, autocast=a)
+        with quiet_transformers():
+            for d, t, c in combos:
                 parts = FloorParts(c, t, d, device, floor_variants) if floor_variants else None
                 case = run_preset_case(c, preset, rows, d, t, device, bar, parts)
                 out += case

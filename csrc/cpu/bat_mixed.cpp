@@ -40,12 +40,6 @@ using amx::bf16;
 // time than 256), and the fp32 product of a task still fits in L2 for r up to 128.
 constexpr int64_t kTransformRows = 1024;
 
-// Asks for [p, p + bytes) in L2, a cache line at a time.
-inline void prefetch_l2(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
-}
-
 // Calls fn(i, t0, t1) for every slab i and chunk [t0, t1) of its `rows` rows, in parallel.
 template <typename F>
 void for_slab_chunks(int64_t n_slabs, int64_t rows, int64_t chunk, const F& fn) {
@@ -191,7 +185,7 @@ void io_block_grad_amx(const at::Tensor& grad, const at::Tensor& x, const at::Te
         const int64_t p0 = col0 / amx::kPanel, p1 = (col0 + cols + amx::kPanel - 1) / amx::kPanel;
         // The group's W rows are read from memory once, by the packing below; fetched into L2
         // while the compute-bound product runs, they do not stall it.
-        for (int64_t row = s0 * r; row < s1 * r; ++row) prefetch_l2(wp + row * in + c0, w * 2);
+        for (int64_t row = s0 * r; row < s1 * r; ++row) vec::prefetch_l2(wp + row * in + c0, w * 2);
         amx::gemm(w, a, kp, pg, p0, p1, ct.data(), cols, false, col0);
         for (int64_t i = s0; i < s1; ++i) {
           const float* ctp = ct.data() + (i - s0) * r;  // slab i's Ct: w rows of r, row stride cols

@@ -249,10 +249,9 @@ void transpose_blocked(const T* src, int64_t rows, int64_t cols, int64_t lds, T*
   for (int64_t t0 = 0; t0 < rows; t0 += block) {
     for (int64_t c0 = 0; c0 < cols; c0 += block) {
       const int64_t t1 = std::min(rows, t0 + block), c1 = std::min(cols, c0 + block);
-      // The next block down is `block` rows a stride apart: fetch its lines while this one is
-      // transposed (a strided read the hardware prefetcher does not keep ahead of).
+      // The next block down is `block` rows a stride apart: fetched while this one is transposed.
       for (int64_t t = t1; t < std::min(rows, t1 + block); ++t)
-        for (int64_t c = c0; c < c1; c += 64 / int64_t(sizeof(T))) __builtin_prefetch(src + t * lds + c, 0, 2);
+        prefetch_l2(src + t * lds + c0, (c1 - c0) * int64_t(sizeof(T)));
       for (int64_t t = t0; t < t1; t += tile) {
         for (int64_t c = c0; c < c1; c += tile) {
           const int64_t th = std::min(tile, t1 - t), cw = std::min(tile, c1 - c);

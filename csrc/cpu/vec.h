@@ -10,6 +10,13 @@ namespace miss_ext {
 namespace cpu {
 namespace vec {
 
+// Asks for [p, p + bytes) in L2, a cache line at a time: for a read the hardware prefetcher does
+// not keep ahead of (rows a stride apart), issued while other work runs.
+inline void prefetch_l2(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
+}
+
 // acc[c] += row[j * r + c] over the whole row (n values; the last block may be partial).
 void blocksum_bf16(const uint16_t* row, int64_t n, int64_t r, float* acc);
 
